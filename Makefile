@@ -1,0 +1,25 @@
+# Two entry points for a fresh machine:  `make demo` (main job)  and  `make test`.
+# Both are idempotent: the virtual environment and the data are reused when present.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup data demo test clean-runs
+
+setup: $(VENV)/.installed
+
+# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml; pip takes them from
+# this machine's disk where they lie there, otherwise from PyPI.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+data: setup
+	scripts/get_fashion_mnist.sh data/raw
+
+demo: data
+	scripts/demo.sh
+
+test: data
+	$(BIN)/python -m pytest -q

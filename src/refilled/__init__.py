@@ -1,0 +1,3 @@
+"""REFILLED: generalized knowledge distillation via relationship matching."""
+
+__version__ = "0.1.0"

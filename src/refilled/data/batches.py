@@ -1,0 +1,117 @@
+"""Mini-batches for one task: the chosen classes of a dataset, relabelled 0..h-1.
+
+In-memory datasets (Fashion-MNIST, CIFAR-100) stay uint8 on the training device and are
+augmented batch-wise there (random crop from a zero-padded image, horizontal flip), so
+the CPU and CUDA paths run the same code. CUB goes through per-image PIL transforms.
+Every random draw comes from a generator seeded by (seed, epoch): an epoch's batches do
+not depend on what ran before it, which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from refilled.data.datasets import ArraySplit, Dataset, FileImageDataset, FileSplit, cub_transforms
+from refilled.data.splits import indices_digest, subsample_per_class
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + stream)
+
+
+@dataclass
+class TaskSplit:
+    """The images of `classes` (original ids, in task-label order) with task labels."""
+
+    source: ArraySplit | FileSplit
+    indices: torch.Tensor      # rows of `source` used
+    labels: torch.Tensor       # task labels 0..h-1, aligned with `indices`
+    classes: list[int]
+
+    def describe(self) -> dict:
+        return {"n_images": len(self.indices), "indices_sha256_16": indices_digest(self.indices)}
+
+
+def task_split(source: ArraySplit | FileSplit, classes: list[int], per_class: int | None = None, seed: int = 0) -> TaskSplit:
+    indices = subsample_per_class(source.labels, classes, per_class, seed)
+    to_task = torch.full((int(source.labels.max()) + 1,), -1, dtype=torch.long)
+    to_task[torch.tensor(classes)] = torch.arange(len(classes))
+    return TaskSplit(source, indices, to_task[source.labels[indices]], list(classes))
+
+
+def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random crop of the zero-padded image and horizontal flip with p = 0.5.
+
+    `images` is [B, C, H, W] (any dtype, any device); the draws are made on the CPU
+    generator and moved, so CPU and CUDA see the same crops for the same seed.
+    """
+    b, _, h, w = images.shape
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    rows = dy[:, None] + torch.arange(h, device=images.device)                 # [B, H]
+    cols = dx[:, None] + torch.arange(w, device=images.device)                 # [B, W]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
+    return out.permute(0, 3, 1, 2)
+
+
+class Batches:
+    """Iterable over (images float32 normalised, task labels) on `device` for one epoch."""
+
+    def __init__(self, split: TaskSplit, dataset: Dataset, batch_size: int, train: bool, device: torch.device,
+                 seed: int = 0, pad: int = 4, num_workers: int = 0):
+        self.split, self.batch_size, self.train = split, batch_size, train
+        self.device, self.seed, self.pad, self.num_workers = torch.device(device), seed, pad, num_workers
+        self.epoch = 0
+        self.in_memory = isinstance(split.source, ArraySplit)
+        self.mean = torch.tensor(dataset.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(dataset.std, device=self.device).view(1, 3, 1, 1) * 255
+        if self.in_memory:
+            self.images = split.source.images[split.indices].to(self.device)
+            self.labels = split.labels.to(self.device)
+        else:
+            sub = FileSplit([split.source.paths[i] for i in split.indices.tolist()], split.labels)
+            self.files = FileImageDataset(sub, cub_transforms(train))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.split.indices)
+        # Training drops the last partial batch so every step has the same shape.
+        return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
+
+    def __iter__(self):
+        if self.in_memory:
+            yield from self._iter_memory()
+        else:
+            yield from self._iter_files()
+
+    def _iter_memory(self):
+        g = epoch_generator(self.seed, self.epoch)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=g).to(self.device) if self.train else torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.train:
+                x = random_crop_flip(x, self.pad, g)
+            yield (x.float() - self.mean) / self.std, self.labels[idx]
+
+    def _iter_files(self):
+        # PIL transforms draw from torch's global RNG inside workers; seed them per epoch.
+        g = epoch_generator(self.seed, self.epoch)
+        loader = torch.utils.data.DataLoader(
+            self.files, batch_size=self.batch_size, shuffle=self.train, drop_last=self.train and len(self.files) >= self.batch_size,
+            num_workers=self.num_workers, generator=g, pin_memory=self.device.type == "cuda",
+            worker_init_fn=None, persistent_workers=False,
+        )
+        if self.num_workers == 0:
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

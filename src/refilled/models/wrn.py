@@ -1,0 +1,98 @@
+"""Wide residual networks (Zagoruyko & Komodakis 2016) in the pre-activation CIFAR layout."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ModelOutput(NamedTuple):
+    """What every model's ``forward`` returns.
+
+    logits: (B, num_classes).
+    embedding: (B, embedding_dim), the globally average-pooled post-BN-ReLU features fed to
+        ``head``; this is phi(x) for the relationship-matching losses.
+    features: per-stage pre-ReLU feature maps (B, C_i, H_i, W_i), shallow to deep, for
+        FitNet / attention transfer / Overhaul; see each model's docstring for which tensors.
+    """
+
+    logits: torch.Tensor
+    embedding: torch.Tensor
+    features: tuple[torch.Tensor, ...]
+
+
+def init_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+class BasicBlock(nn.Module):
+    """Pre-activation block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, 1x1 conv shortcut when shapes differ."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        same_shape = in_planes == out_planes and stride == 1
+        self.shortcut = None if same_shape else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(act))))
+        # As in xternalz/WideResNet-pytorch: the projection shortcut sees the activated input.
+        return out + (x if self.shortcut is None else self.shortcut(act))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width for CIFAR-style inputs (any size >= 8 px).
+
+    ``features`` holds the raw outputs of the three groups (16w, 32w, 64w channels at
+    strides 1, 2, 4 relative to the input), i.e. the residual sums before the next
+    block's BN-ReLU; the third is the tensor before the final BN-ReLU.
+    """
+
+    def __init__(self, depth: int, width: int, num_classes: int):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise ValueError(f"WRN depth must satisfy (depth - 4) % 6 == 0 and depth >= 10, got {depth}")
+        if width < 1:
+            raise ValueError(f"WRN width must be >= 1, got {width}")
+        n = (depth - 4) // 6
+        channels = [16, 16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(3, channels[0], 3, 1, 1, bias=False)
+        self.groups = nn.ModuleList(
+            nn.Sequential(*(BasicBlock(channels[i] if j == 0 else channels[i + 1], channels[i + 1],
+                                       stride if j == 0 else 1) for j in range(n)))
+            for i, stride in enumerate((1, 2, 2))
+        )
+        self.bn = nn.BatchNorm2d(channels[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(channels[3], num_classes)
+        self.depth, self.width = depth, width
+        self.embedding_dim = channels[3]
+        self.num_classes = num_classes
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        x = self.conv1(x)
+        features = []
+        for group in self.groups:
+            x = group(x)
+            features.append(x)
+        x = self.relu(self.bn(x))
+        embedding = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return ModelOutput(self.head(embedding), embedding, tuple(features))

@@ -1,0 +1,146 @@
+"""The one training loop every method goes through.
+
+SGD with Nesterov momentum, a multi-step or cosine schedule set per epoch, bf16 autocast
+and channels-last on CUDA (fp32 on the CPU). After every epoch: one row of metrics.csv
+and a resume checkpoint, both written atomically. A run started again in the same
+directory with the same configuration continues after the last finished epoch; because
+each epoch's data order and augmentation come from (seed, epoch), the resumed run ends
+with the same weights as an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from refilled.evaluate import accuracy
+from refilled.io import CheckpointError, load_tensors, save_tensors, write_csv
+from refilled.methods import Method
+
+RESUME_FILE = "resume.pt"
+METRICS_FILE = "metrics.csv"
+
+
+@dataclass
+class OptimConfig:
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"              # "multistep" or "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.7, 0.9)  # fractions of the epochs
+    gamma: float = 0.2
+    final_lr_fraction: float = 0.1            # cosine ends at lr * this
+    extra: dict = field(default_factory=dict)  # anything else that must match on resume
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.schedule not in ("multistep", "cosine"):
+            raise ValueError(f"schedule must be 'multistep' or 'cosine', got {self.schedule!r}")
+
+
+def lr_at(cfg: OptimConfig, epoch: int) -> float:
+    if cfg.schedule == "cosine":
+        final = cfg.lr * cfg.final_lr_fraction
+        return final + (cfg.lr - final) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+    return cfg.lr * cfg.gamma**passed
+
+
+def set_cpu_threads() -> int:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def fit(method: Method, train_batches, test_batches, cfg: OptimConfig, run_dir: str | Path,
+        device: torch.device, seed: int) -> dict:
+    """Train `method.student` for cfg.epochs; return the last epoch's metrics row."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cuda = device.type == "cuda"
+    method.to(device)
+    if cuda:
+        method.to(memory_format=torch.channels_last)
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=True, **({"fused": True} if cuda else {}))
+    fingerprint = {"optim": asdict(cfg), "seed": seed}
+    rows, start = _resume(run_dir, method, opt, fingerprint)
+
+    for epoch in range(start, cfg.epochs):
+        lr = lr_at(cfg, epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        train_batches.set_epoch(epoch)
+        began = time.perf_counter()
+        terms, correct, seen = _train_epoch(method, train_batches, opt, cuda, f"epoch {epoch + 1}/{cfg.epochs}")
+        for name, value in terms.items():
+            if not math.isfinite(value):
+                raise NonFiniteLoss(
+                    f"non-finite loss at epoch {epoch + 1}: "
+                    + ", ".join(f"{k}={v}" for k, v in terms.items())
+                    + f"; the last good checkpoint ({run_dir / RESUME_FILE}, epoch {epoch}) is kept"
+                )
+        test_acc = accuracy(method.student, test_batches, device)
+        rows.append({"epoch": epoch + 1, "lr": lr, **{k: round(v, 6) for k, v in terms.items()},
+                     "loss": round(sum(terms.values()), 6), "train_acc": round(correct / max(seen, 1), 6),
+                     "test_acc": round(test_acc, 6), "seconds": round(time.perf_counter() - began, 3)})
+        write_csv(run_dir / METRICS_FILE, rows, list(rows[0]))
+        save_tensors(run_dir / RESUME_FILE, {"fingerprint": fingerprint, "epoch": epoch + 1, "rows": rows,
+                                             "method": method.state_dict(), "optimizer": opt.state_dict()})
+    return rows[-1]
+
+
+def _train_epoch(method, batches, opt, cuda, desc):
+    method.train()
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), dtype=torch.long, device=next(method.parameters()).device)
+    seen = 0
+    for x, y in tqdm(batches, total=len(batches), desc=desc, leave=False, disable=None, mininterval=2):
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits, losses = method.loss(x, y)
+        total = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0) + value.detach().float() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    return {k: float(v) / max(seen, 1) for k, v in sums.items()}, int(correct), seen
+
+
+def _resume(run_dir: Path, method, opt, fingerprint) -> tuple[list[dict], int]:
+    path = run_dir / RESUME_FILE
+    if not path.exists():
+        return [], 0
+    state = load_tensors(path)
+    if state.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{path} was written by a run with another configuration ({state.get('fingerprint')}); "
+            f"delete it to start this one ({fingerprint}) from scratch"
+        )
+    method.load_state_dict(state["method"])
+    opt.load_state_dict(state["optimizer"])
+    return list(state["rows"]), int(state["epoch"])

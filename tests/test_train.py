@@ -1,0 +1,145 @@
+"""The training loop: schedules, augmentation, metrics, and exact resume after a kill."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+from refilled.data.batches import Batches, random_crop_flip, task_split
+from refilled.data.datasets import ArraySplit, Dataset
+from refilled.io import load_tensors
+from refilled.methods import CrossEntropy
+from refilled.models import build_model
+from refilled.train import OptimConfig, fit, lr_at
+
+CPU = torch.device("cpu")
+
+
+def tiny_dataset(n_per_class=12, n_classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        labels = torch.arange(n_classes).repeat_interleave(n)
+        # class-dependent brightness so a model can learn something in a few steps
+        images = (torch.rand(len(labels), 3, 32, 32, generator=g) * 80 + labels.view(-1, 1, 1, 1) * 40).to(torch.uint8)
+        return ArraySplit(images, labels)
+
+    return Dataset("tiny", [f"c{i}" for i in range(n_classes)], split(n_per_class), split(4),
+                   (0.3, 0.3, 0.3), (0.3, 0.3, 0.3))
+
+
+def test_multistep_and_cosine_schedules():
+    cfg = OptimConfig(epochs=10, lr=0.1)
+    assert [lr_at(cfg, e) for e in (0, 4, 5, 6, 7, 8, 9)] == pytest.approx([.1, .1, .02, .02, .004, .004, .0008])
+    cos = OptimConfig(epochs=10, lr=0.1, schedule="cosine")
+    assert lr_at(cos, 0) == pytest.approx(0.1)
+    assert lr_at(cos, 5) == pytest.approx(0.01 + 0.09 * 0.5)
+    assert lr_at(cos, 10) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="epochs"):
+        OptimConfig(epochs=-1)
+
+
+def test_random_crop_flip_stays_inside_padded_image():
+    g = torch.Generator().manual_seed(0)
+    b, pad = 400, 4
+    # each image is a ramp of unique values: any crop is identifiable by its top-left value
+    base = torch.arange(32 * 32, dtype=torch.float32).view(1, 1, 32, 32) + 1
+    out = random_crop_flip(base.expand(b, 3, 32, 32), pad, g)
+    padded = torch.nn.functional.pad(base, (pad,) * 4)[0, 0]
+    flips = 0
+    for i in range(b):
+        img = out[i, 0]
+        found = False
+        for dy in range(2 * pad + 1):
+            for dx in range(2 * pad + 1):
+                window = padded[dy:dy + 32, dx:dx + 32]
+                if torch.equal(img, window):
+                    found = True
+                elif torch.equal(img, window.flip(1)):
+                    found, flips = True, flips + 1
+        assert found, f"image {i} is not a crop of the padded image"
+        assert torch.equal(out[i, 0], out[i, 2])
+    # flip with p = .5: binomial(400, .5) has std 10; 4 std is a 6e-5 false alarm
+    assert abs(flips - b / 2) < 40
+
+
+def test_task_split_relabels_in_task_order():
+    ds = tiny_dataset()
+    ts = task_split(ds.train, [2, 0], per_class=5, seed=1)
+    assert ts.labels.tolist() == [0] * 5 + [1] * 5
+    assert set(ds.train.labels[ts.indices].tolist()) == {0, 2}
+    assert (ds.train.labels[ts.indices][ts.labels == 0] == 2).all()
+
+
+def _run(tmp_path, epochs, ds, seed=3):
+    train = Batches(task_split(ds.train, [0, 1, 2, 3]), ds, 8, True, CPU, seed)
+    test = Batches(task_split(ds.test, [0, 1, 2, 3]), ds, 16, False, CPU)
+    torch.manual_seed(seed)
+    model = build_model("wrn-10-1", 4)
+    cfg = OptimConfig(epochs=epochs, batch_size=8, lr=0.05)
+    last = fit(CrossEntropy(model), train, test, cfg, tmp_path, CPU, seed)
+    return model, last
+
+
+def test_metrics_csv_has_one_row_per_epoch(tmp_path):
+    _, last = _run(tmp_path, 3, tiny_dataset())
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert set(rows[0]) >= {"epoch", "lr", "ce", "loss", "train_acc", "test_acc", "seconds"}
+    assert all(math.isfinite(float(r["ce"])) for r in rows)
+    assert float(rows[-1]["test_acc"]) == last["test_acc"]
+    state = load_tensors(tmp_path / "resume.pt")
+    assert state["epoch"] == 3
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+    ds = tiny_dataset()
+    reference, _ = _run(tmp_path / "straight", 4, ds)
+
+    # Kill the second run in the middle of epoch 3 (after two finished epochs).
+    import refilled.train as train_mod
+
+    real_epoch = train_mod._train_epoch
+    calls = {"n": 0}
+
+    def dying_epoch(method, batches, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            it = iter(batches)
+            next(it)  # some work of epoch 3 happens, then the process dies
+            raise Killed
+        return real_epoch(method, batches, *a, **k)
+
+    monkeypatch.setattr(train_mod, "_train_epoch", dying_epoch)
+    with pytest.raises(Killed):
+        _run(tmp_path / "killed", 4, ds)
+    assert load_tensors(tmp_path / "killed" / "resume.pt")["epoch"] == 2
+    monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)
+
+    calls_after = {"n": 0}
+
+    def counting_epoch(*a, **k):
+        calls_after["n"] += 1
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(train_mod, "_train_epoch", counting_epoch)
+    resumed, _ = _run(tmp_path / "killed", 4, ds)
+    assert calls_after["n"] == 2, "resume must continue after the last finished epoch, not from zero"
+    for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{k} differs after resume"
+    rows = list(csv.DictReader(open(tmp_path / "killed" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    from refilled.io import CheckpointError
+
+    ds = tiny_dataset()
+    _run(tmp_path, 1, ds, seed=3)
+    with pytest.raises(CheckpointError, match="another configuration"):
+        _run(tmp_path, 1, ds, seed=4)
