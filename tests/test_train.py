@@ -8,6 +8,7 @@ import torch
 
 from refilled.data.batches import Batches, random_crop_flip, task_split
 from refilled.data.datasets import ArraySplit, Dataset
+from refilled.evaluate import accuracy
 from refilled.io import load_tensors
 from refilled.methods import CrossEntropy
 from refilled.models import build_model
@@ -32,6 +33,9 @@ def tiny_dataset(n_per_class=12, n_classes=4, seed=0):
 def test_multistep_and_cosine_schedules():
     cfg = OptimConfig(epochs=10, lr=0.1)
     assert [lr_at(cfg, e) for e in (0, 4, 5, 6, 7, 8, 9)] == pytest.approx([.1, .1, .02, .02, .004, .004, .0008])
+    assert lr_at(OptimConfig(epochs=1, lr=0.1), 0) == pytest.approx(0.1)
+    e200 = OptimConfig(epochs=200, lr=0.1)  # the paper's 100/140/180
+    assert [lr_at(e200, e) for e in (99, 100, 139, 140, 179, 180)] == pytest.approx([.1, .02, .02, .004, .004, .0008])
     cos = OptimConfig(epochs=10, lr=0.1, schedule="cosine")
     assert lr_at(cos, 0) == pytest.approx(0.1)
     assert lr_at(cos, 5) == pytest.approx(0.01 + 0.09 * 0.5)
@@ -78,7 +82,7 @@ def _run(tmp_path, epochs, ds, seed=3):
     torch.manual_seed(seed)
     model = build_model("wrn-10-1", 4)
     cfg = OptimConfig(epochs=epochs, batch_size=8, lr=0.05)
-    last = fit(CrossEntropy(model), train, test, cfg, tmp_path, CPU, seed)
+    last = fit(CrossEntropy(model), train, lambda: {"test_acc": accuracy(model, test, CPU)}, cfg, tmp_path, CPU, seed)
     return model, last
 
 

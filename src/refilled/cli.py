@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 from refilled import __version__
@@ -19,14 +16,25 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-checksum", action="store_true", help="skip checksum verification of the dataset files")
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _k_hat(value: str) -> int | None:
+    if value in ("inf", "none", "None"):
+        return None
+    k = int(value)
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"--k-hat must be >= 1 or inf, got {value}")
+    return k
+
+
+def _add_train_args(p: argparse.ArgumentParser, schedule: str = "multistep") -> None:
+    p.add_argument("--split", required=True, type=Path, help="split JSON written by `refilled split`")
+    p.add_argument("--arch", required=True, help="e.g. wrn-40-2, wrn-16-1, mobilenet-0.75")
     _add_data_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of weights, subsample, data order and augmentation")
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--schedule", choices=("multistep", "cosine"), default="multistep",
+    p.add_argument("--schedule", choices=("multistep", "cosine"), default=schedule,
                    help="multistep: x0.2 at 50%%, 70%%, 90%% of the epochs; cosine: down to 0.1*lr")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for file datasets (CUB)")
@@ -68,10 +76,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     teacher = sub.add_parser("train-teacher", help="train a teacher on the teacher classes of a split",
                              description="Train a teacher with cross-entropy on the split's teacher classes.")
-    teacher.add_argument("--split", required=True, type=Path, help="split JSON written by `refilled split`")
-    teacher.add_argument("--arch", required=True, help="e.g. wrn-40-2, wrn-16-2, mobilenet-1.0")
     _add_train_args(teacher)
     teacher.set_defaults(func=cmd_train_teacher)
+
+    stage1 = sub.add_parser("train-stage1", help="REFILLED stage 1: comparison matching of the student's embedding",
+                            description="Train the student's embedding to match the frozen teacher's similarity "
+                                        "comparisons over semi-hard tuples; logs stage-1 loss and NCM accuracy.")
+    _add_train_args(stage1, schedule="cosine")
+    stage1.add_argument("--teacher", required=True, type=Path, help="model.pt of the teacher run")
+    stage1.add_argument("--k-hat", type=_k_hat, default=None, help="max negatives per tuple: an integer or inf (default)")
+    stage1.add_argument("--tau", type=float, default=4.0, help="tuple temperature tau1")
+    stage1.add_argument("--margin", type=float, default=0.2, help="semi-hard margin")
+    stage1.add_argument("--scale", type=float, default=1000.0, help="loss scale (the authors use 1000)")
+    stage1.set_defaults(func=cmd_train_stage1)
+
+    stage2 = sub.add_parser("train-stage2", help="REFILLED stage 2: local classifier distillation",
+                            description="Fine-tune the stage-1 student with CE + the teacher's embedding-induced local "
+                                        "classifier, weighted per instance; writes lambda_i.csv.")
+    _add_train_args(stage2)
+    stage2.add_argument("--teacher", required=True, type=Path)
+    stage2.add_argument("--init", required=True, type=Path, help="model.pt of the stage-1 run")
+    stage2.add_argument("--variant", required=True, choices=("refilled", "refilled-minus", "refilled-emb"),
+                        help="adaptive lambda_i / constant lambda / lambda = 0")
+    stage2.add_argument("--lam", type=float, default=2.0, help="lambda (default 2)")
+    stage2.add_argument("--tau", type=float, default=2.0, help="temperature tau2")
+    stage2.add_argument("--centers", choices=("fixed", "batch"), default="fixed",
+                        help="teacher class centres computed once (fixed) or from each batch")
+    stage2.set_defaults(func=cmd_train_stage2)
+
+    base = sub.add_parser("train-baseline", help="a baseline student: CE only, RKD or AML",
+                          description="Train a student from scratch with the stage-2 recipe: CE only (student), "
+                                      "RKD (Park et al. 2019) or AML (asymmetric metric learning).")
+    _add_train_args(base)
+    base.add_argument("--method", required=True, choices=("student", "rkd", "aml"))
+    base.add_argument("--teacher", type=Path, help="model.pt of the teacher run (rkd, aml)")
+    base.set_defaults(func=cmd_train_baseline)
 
     ncm = sub.add_parser("ncm", help="NCM accuracy of a model's embedding on one task of a split",
                          description="Nearest-class-mean accuracy (cosine, class means from the training images, "
@@ -115,72 +154,43 @@ def cmd_split(args) -> int:
     return 0
 
 
-def _read_split(path: Path) -> dict:
-    from refilled.data.splits import SplitError, check_split
-    from refilled.io import read_json
+def _spec(args):
+    from refilled.runs import RunSpec
 
-    try:
-        return check_split(read_json(path), str(path))
-    except FileNotFoundError:
-        raise SplitError(f"split file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise SplitError(f"{path}: not valid JSON ({exc})") from None
+    return RunSpec(split=args.split, arch=args.arch, out=args.out, epochs=args.epochs, seed=args.seed,
+                   data_root=Path(args.data_root), per_class=args.per_class, verify_checksums=not args.no_checksum,
+                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                   device=args.device, num_workers=args.num_workers, profile=args.profile)
 
 
-def _task_batches(dataset, split: dict, task: str, args, device, batch_size: int, train_aug: bool):
-    """Train and test Batches of one task ('teacher' or 'student') of a split."""
-    from refilled.data.batches import Batches, task_split
-
-    classes = split[f"{task}_classes"]
-    train = task_split(dataset.train, classes, args.per_class, args.seed)
-    test = task_split(dataset.test, classes)
-    workers = getattr(args, "num_workers", 0)
-    return (Batches(train, dataset, batch_size, train_aug, device, args.seed, num_workers=workers),
-            Batches(test, dataset, 512, False, device, num_workers=workers))
-
-
-def _environment(device) -> dict:
-    import torch
-
-    return {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "refilled": __version__, "host": platform.node(), "threads": torch.get_num_threads()}
+def _report(summary: dict) -> int:
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.endswith("_acc"))
+    print(f"{summary['kind']} {summary.get('method')} {summary['arch']} seed {summary['seed']}: {scores}")
+    return 0
 
 
 def cmd_train_teacher(args) -> int:
-    import torch
+    from refilled.runs import train_teacher
 
-    from refilled.checkpoints import save_model
-    from refilled.data import load_dataset
-    from refilled.io import write_json
-    from refilled.methods import CrossEntropy
-    from refilled.models import build_model
-    from refilled.train import OptimConfig, fit, resolve_device, set_cpu_threads
+    return _report(train_teacher(_spec(args)))
 
-    set_cpu_threads()
-    device = resolve_device(args.device)
-    split = _read_split(args.split)
-    dataset = load_dataset(split["dataset"], args.data_root, verify_checksums=not args.no_checksum)
-    train_b, test_b = _task_batches(dataset, split, "teacher", args, device, args.batch_size, train_aug=True)
-    cfg = OptimConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      schedule=args.schedule, extra={"arch": args.arch, "split": split, "per_class": args.per_class})
-    torch.manual_seed(args.seed)
-    model = build_model(args.arch, len(split["teacher_classes"]))
-    began = time.time()
-    last = fit(CrossEntropy(model), train_b, test_b, cfg, args.out, device, args.seed)
-    save_model(args.out / "model.pt", model, args.arch, split["teacher_classes"])
-    summary = {
-        "kind": "teacher", "method": "ce", "arch": args.arch, "task": "teacher",
-        "test_acc": last["test_acc"], "train_acc": last["train_acc"],
-        "split": {"path": str(args.split), **split}, "seed": args.seed, "epochs": args.epochs,
-        "optim": {k: getattr(cfg, k) for k in ("batch_size", "lr", "weight_decay", "schedule")},
-        "data": {"root": str(args.data_root), "per_class": args.per_class, "train": train_b.split.describe(),
-                 "test": test_b.split.describe()},
-        "profile": args.profile, "seconds": round(time.time() - began, 1), **_environment(device),
-    }
-    write_json(args.out / "summary.json", summary)
-    (args.out / "resume.pt").unlink(missing_ok=True)
-    print(f"{args.out}: teacher {args.arch} test accuracy {last['test_acc']:.4f} on classes {split['teacher_classes']}")
-    return 0
+
+def cmd_train_stage1(args) -> int:
+    from refilled.runs import train_stage1
+
+    return _report(train_stage1(_spec(args), args.teacher, args.k_hat, args.tau, args.margin, args.scale))
+
+
+def cmd_train_stage2(args) -> int:
+    from refilled.runs import train_stage2
+
+    return _report(train_stage2(_spec(args), args.teacher, args.init, args.variant, args.lam, args.tau, args.centers))
+
+
+def cmd_train_baseline(args) -> int:
+    from refilled.runs import train_baseline
+
+    return _report(train_baseline(_spec(args), args.method, args.teacher))
 
 
 def cmd_ncm(args) -> int:
@@ -188,16 +198,20 @@ def cmd_ncm(args) -> int:
 
     from refilled.checkpoints import load_model
     from refilled.data import load_dataset
+    from refilled.data.batches import Batches, task_split
     from refilled.evaluate import forward_all, ncm_accuracy
+    from refilled.runs import read_split
     from refilled.io import write_json
     from refilled.models import build_model
     from refilled.train import resolve_device, set_cpu_threads
 
     set_cpu_threads()
     device = resolve_device(args.device)
-    split = _read_split(args.split)
+    split = read_split(args.split)
     dataset = load_dataset(split["dataset"], args.data_root, verify_checksums=not args.no_checksum)
-    train_b, test_b = _task_batches(dataset, split, args.task, args, device, 512, train_aug=False)
+    classes = split[f"{args.task}_classes"]
+    train_b = Batches(task_split(dataset.train, classes, args.per_class, args.seed), dataset, 512, False, device)
+    test_b = Batches(task_split(dataset.test, classes), dataset, 512, False, device)
     if args.model:
         model, meta = load_model(args.model, device=device)
         source = {"model": str(args.model), "arch": meta["arch"], "trained_on": meta.get("classes")}

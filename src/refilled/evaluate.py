@@ -44,3 +44,11 @@ def ncm_accuracy(train_emb: torch.Tensor, train_labels: torch.Tensor,
     means = class_means(train_emb, train_labels, num_classes)
     pred = (F.normalize(test_emb.float(), dim=1) @ means.T).argmax(1)
     return (pred == test_labels).float().mean().item()
+
+
+def true_class_probability(teacher_emb: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor,
+                           tau: float) -> torch.Tensor:
+    """p_T(y_i | x_i) of the teacher's embedding-induced classifier over all the given classes:
+    softmax_k(<phi_T(x_i), c_k> / tau) with L2-normalised centres c_k."""
+    logits = teacher_emb.float() @ F.normalize(centers.float(), dim=1).T / tau
+    return logits.softmax(1).gather(1, labels[:, None]).squeeze(1)

@@ -15,11 +15,11 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from refilled.evaluate import accuracy
 from refilled.io import CheckpointError, load_tensors, save_tensors, write_csv
 from refilled.methods import Method
 
@@ -51,7 +51,8 @@ def lr_at(cfg: OptimConfig, epoch: int) -> float:
     if cfg.schedule == "cosine":
         final = cfg.lr * cfg.final_lr_fraction
         return final + (cfg.lr - final) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+    # ceil: with few epochs a milestone never falls on epoch 0 (no decay before training)
+    passed = sum(epoch >= math.ceil(round(m * cfg.epochs, 6)) for m in cfg.milestones)
     return cfg.lr * cfg.gamma**passed
 
 
@@ -71,9 +72,12 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def fit(method: Method, train_batches, test_batches, cfg: OptimConfig, run_dir: str | Path,
-        device: torch.device, seed: int) -> dict:
-    """Train `method.student` for cfg.epochs; return the last epoch's metrics row."""
+def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]], cfg: OptimConfig,
+        run_dir: str | Path, device: torch.device, seed: int) -> dict:
+    """Train `method` for cfg.epochs; return the last epoch's metrics row.
+
+    `evaluate()` runs after every epoch and returns the metrics to log (test accuracy,
+    NCM accuracy, ...)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cuda = device.type == "cuda"
@@ -100,10 +104,11 @@ def fit(method: Method, train_batches, test_batches, cfg: OptimConfig, run_dir: 
                     + ", ".join(f"{k}={v}" for k, v in terms.items())
                     + f"; the last good checkpoint ({run_dir / RESUME_FILE}, epoch {epoch}) is kept"
                 )
-        test_acc = accuracy(method.student, test_batches, device)
+        seconds = time.perf_counter() - began
+        scores = evaluate()
         rows.append({"epoch": epoch + 1, "lr": lr, **{k: round(v, 6) for k, v in terms.items()},
                      "loss": round(sum(terms.values()), 6), "train_acc": round(correct / max(seen, 1), 6),
-                     "test_acc": round(test_acc, 6), "seconds": round(time.perf_counter() - began, 3)})
+                     **{k: round(v, 6) for k, v in scores.items()}, "seconds": round(seconds, 3)})
         write_csv(run_dir / METRICS_FILE, rows, list(rows[0]))
         save_tensors(run_dir / RESUME_FILE, {"fingerprint": fingerprint, "epoch": epoch + 1, "rows": rows,
                                              "method": method.state_dict(), "optimizer": opt.state_dict()})

@@ -1,0 +1,415 @@
+"""Loss functions for REFILLED and the compared methods.
+
+Everything here computes distances, softmaxes and KL divergences in fp32: inputs are cast
+with ``.float()`` and autocast is switched off locally, so the losses behave the same in
+fp32 and under ``torch.autocast(..., dtype=torch.bfloat16)``.
+
+Stage 1 (comparison matching) is written densely over an ``[anchor, positive, negative]``
+cube whose shape depends only on the batch size: no Python loops over triplets, no
+``nonzero``/``.item()`` and no data-dependent shapes, so the training step can be
+captured in a CUDA graph. ``semihard_triplets`` is the index-list view of the same mining
+(it uses ``torch.nonzero``) for tests and analysis.
+
+Public API
+----------
+- ``pairwise_distances(emb)``: Euclidean distances between L2-normalised rows.
+- ``semihard_triplets(embeddings, labels, margin)``: index tensors ``(a, p, n)``.
+- ``semihard_mask(dist, labels, margin)``: bool ``[B, B, B]`` mask ``m[a, p, n]``.
+- ``comparison_matching_loss(student_emb, teacher_emb, labels, tau, margin, k_hat)``.
+- ``local_distillation_loss(student_logits, teacher_emb, centers, labels, tau, lam,
+  weighting) -> (loss, lambda_i)``.
+- ``rkd_terms(student_emb, teacher_emb) -> (dist, angle)`` and ``rkd_loss(...)``.
+- ``aml_loss(student_emb, teacher_emb, labels, projection, margin)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "pairwise_distances",
+    "semihard_triplets",
+    "semihard_mask",
+    "comparison_matching_loss",
+    "local_distillation_loss",
+    "WEIGHTINGS",
+    "rkd_terms",
+    "rkd_loss",
+    "aml_loss",
+]
+
+WEIGHTINGS = ("adaptive", "constant", "none")
+
+
+def _fp32(device: torch.device):
+    """Context that switches autocast off on ``device`` (fp32 maths inside)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _check_2d(name: str, x: torch.Tensor) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(x.shape)}")
+
+
+def _check_labels(labels: torch.Tensor, batch: int) -> None:
+    if labels.ndim != 1 or labels.shape[0] != batch:
+        raise ValueError(
+            f"labels must be 1-D of length {batch}, got shape {tuple(labels.shape)}"
+        )
+
+
+def pairwise_distances(emb: torch.Tensor) -> torch.Tensor:
+    """Plain (not squared) Euclidean distances between the L2-normalised rows of ``emb``.
+
+    This is exactly what pytorch-metric-learning's default ``LpDistance`` does
+    (``F.normalize(x, p=2, dim=1)`` then ``torch.cdist(x, x, p=2)``), computed in fp32.
+    ``torch.cdist``'s backward sets the gradient of zero distances to zero, so duplicate
+    embeddings (and the diagonal) never produce NaN gradients.
+    """
+    _check_2d("embeddings", emb)
+    with _fp32(emb.device):
+        x = F.normalize(emb.float(), p=2, dim=1)
+        return torch.cdist(x, x, p=2)
+
+
+# --------------------------------------------------------------------------------------
+# Semi-hard mining
+# --------------------------------------------------------------------------------------
+
+
+def semihard_mask(dist: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """Dense semi-hard triplet mask ``m[a, p, n]`` (bool, shape ``[B, B, B]``).
+
+    ``m[a, p, n]`` is True iff ``a != p``, ``labels[a] == labels[p]``,
+    ``labels[n] != labels[a]`` and ``0 < dist[a, n] - dist[a, p] <= margin``
+    (strict at 0, non-strict at the margin: pytorch-metric-learning's
+    ``TripletMarginMiner(type_of_triplets="semihard")``). ``dist`` is the ``[B, B]``
+    distance matrix (use :func:`pairwise_distances` to match the miner bit for bit).
+
+    Static shapes, no host synchronisation, no Python loops.
+
+    Memory: the cube has B**3 entries. At B = 128 that is 2 MiB as bool; at B = 512 it is
+    128 MiB as bool, plus float intermediates of the same shape at 4 bytes per entry
+    (512 MiB each at B = 512; 8 MiB each at B = 128).
+    """
+    if dist.ndim != 2 or dist.shape[0] != dist.shape[1]:
+        raise ValueError(f"dist must be square [B, B], got {tuple(dist.shape)}")
+    B = dist.shape[0]
+    _check_labels(labels, B)
+    labels = labels.to(dist.device)
+    same = labels[:, None] == labels[None, :]  # [a, p]
+    eye = torch.eye(B, dtype=torch.bool, device=dist.device)
+    pos = same & ~eye  # [a, p]
+    neg = ~same  # [a, n]
+    # gap[a, p, n] = d(a, n) - d(a, p), the same fp subtraction as the miner's an - ap.
+    gap = dist[:, None, :] - dist[:, :, None]
+    return pos[:, :, None] & neg[:, None, :] & (gap > 0) & (gap <= margin)
+
+
+def semihard_triplets(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index tensors ``(anchor, positive, negative)`` of every semi-hard triplet.
+
+    Distances are plain Euclidean distances between L2-normalised embeddings
+    (:func:`pairwise_distances`); a triplet is semi-hard iff ``a != p`` share a label,
+    ``n`` has another label and ``0 < d(a, n) - d(a, p) <= margin``. Returns the same set
+    as ``TripletMarginMiner(margin, type_of_triplets="semihard")`` with its default
+    ``LpDistance(normalize_embeddings=True, p=2, power=1)`` on fp32 input (inputs in other
+    dtypes are cast to fp32 here, whereas the miner would compute in their dtype).
+    Indices are sorted lexicographically by (a, p, n). Uses ``torch.nonzero`` (host sync).
+    """
+    _check_2d("embeddings", embeddings)
+    with torch.no_grad():
+        mask = semihard_mask(pairwise_distances(embeddings), labels, margin)
+        a, p, n = mask.nonzero(as_tuple=True)
+    return a, p, n
+
+
+def _keep_closest(mask: torch.Tensor, dist: torch.Tensor, k_hat: int | None) -> torch.Tensor:
+    """Restrict each ``(a, p)`` row of ``mask`` to its ``k_hat`` negatives closest to ``a``.
+
+    Fixed-shape: ``topk`` with ``k = min(k_hat, B)`` over the negative axis of the masked
+    distances, scattered back into a bool cube and intersected with ``mask`` (so rows with
+    fewer than ``k_hat`` semi-hard negatives keep all of them). ``k_hat=None`` keeps all.
+    """
+    B = mask.shape[-1]
+    if k_hat is None or k_hat >= B:
+        return mask
+    masked = torch.where(mask, dist[:, None, :], torch.full_like(dist[:, None, :], float("inf")))
+    idx = masked.topk(k_hat, dim=-1, largest=False, sorted=False).indices
+    chosen = torch.zeros_like(mask).scatter_(-1, idx, True)
+    return mask & chosen
+
+
+# --------------------------------------------------------------------------------------
+# Stage 1: comparison matching
+# --------------------------------------------------------------------------------------
+
+
+def _tuple_log_probs(dist: torch.Tensor, keep: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of every ``(a, p)`` tuple distribution.
+
+    Returns ``(logp, support)``, both ``[B, B, B + 1]``: slot 0 is the positive
+    (logit ``-d(a, p) / tau``), slot ``1 + n`` the negative ``n`` (logit
+    ``-d(a, n) / tau``) when ``keep[a, p, n]``, else ``-inf`` (log-probability ``-inf``,
+    probability exactly 0). ``support`` marks the K + 1 real entries of each tuple.
+    """
+    B = dist.shape[0]
+    logits = -dist / tau
+    pos = logits[:, :, None]  # [a, p, 1]
+    neg = logits[:, None, :].expand(B, B, B).masked_fill(~keep, float("-inf"))  # [a, p, n]
+    logp = torch.log_softmax(torch.cat([pos, neg], dim=-1), dim=-1)
+    support = torch.cat([torch.ones_like(keep[:, :, :1]), keep], dim=-1)
+    return logp, support
+
+
+def _tuple_kl_from_distances(
+    d_student: torch.Tensor, d_teacher: torch.Tensor, keep: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair KL(p_T || p_S) over the tuples described by ``keep``.
+
+    ``d_student``/``d_teacher``: ``[B, B]`` distance matrices; ``keep``: bool
+    ``[B, B, B]`` (which negatives each ``(a, p)`` tuple holds). Returns ``(kl, valid)``
+    of shape ``[B, B]``: ``valid[a, p]`` iff the tuple has at least one negative; ``kl``
+    is 0 for invalid pairs. Entries outside the support contribute exactly 0 in value and
+    gradient (``0 * log 0`` is never evaluated).
+    """
+    logp_s, support = _tuple_log_probs(d_student, keep, tau)
+    logp_t, _ = _tuple_log_probs(d_teacher.detach(), keep, tau)
+    p_t = logp_t.exp()
+    terms = torch.where(support, p_t * (logp_t - logp_s), torch.zeros_like(logp_s))
+    kl = terms.sum(dim=-1)
+    valid = keep.any(dim=-1)
+    return kl, valid
+
+
+def comparison_matching_loss(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float = 4.0,
+    margin: float = 0.2,
+    k_hat: int | None = None,
+) -> torch.Tensor:
+    """REFILLED stage-1 loss: mean over tuples of KL(p_T || p_S), unscaled.
+
+    Tuples are mined without grad on the student's L2-normalised embedding: for every
+    ordered pair ``(a, p)`` (``a != p``, same label) the semi-hard negatives are ``n``
+    with another label and ``0 < d(a, n) - d(a, p) <= margin`` (:func:`semihard_mask`).
+    If a pair has ``K' > k_hat`` of them, the ``k_hat`` closest to the anchor (student
+    distance) are kept; ``k_hat=None`` keeps all; a pair with none gives no tuple.
+
+    For each tuple, teacher and student alike, ``p = softmax([-d(a,p), -d(a,n_1), ...,
+    -d(a,n_K)] / tau)`` with ``d`` the Euclidean distance between that model's
+    L2-normalised embeddings (teacher width may differ from the student's). The teacher
+    gets no gradient. With no tuple in the batch the result is a zero that is still
+    connected to ``student_emb``'s graph (zero gradient). The caller applies the scale
+    (the authors use 1000).
+    """
+    _check_2d("student_emb", student_emb)
+    _check_2d("teacher_emb", teacher_emb)
+    B = student_emb.shape[0]
+    if teacher_emb.shape[0] != B:
+        raise ValueError("student_emb and teacher_emb must have the same batch size")
+    _check_labels(labels, B)
+    if k_hat is not None:
+        if isinstance(k_hat, bool) or not isinstance(k_hat, numbers.Integral) or k_hat < 1:
+            raise ValueError(f"k_hat must be a positive int or None, got {k_hat!r}")
+        k_hat = int(k_hat)
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    with _fp32(student_emb.device):
+        d_s = pairwise_distances(student_emb)
+        with torch.no_grad():
+            d_t = pairwise_distances(teacher_emb.detach())
+            mask = semihard_mask(d_s.detach(), labels, margin)
+            keep = _keep_closest(mask, d_s.detach(), k_hat)
+        kl, valid = _tuple_kl_from_distances(d_s, d_t, keep, tau)
+        count = valid.sum().clamp(min=1)
+        return torch.where(valid, kl, torch.zeros_like(kl)).sum() / count
+
+
+# --------------------------------------------------------------------------------------
+# Stage 2: local classifier distillation
+# --------------------------------------------------------------------------------------
+
+
+def local_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    centers: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float = 2.0,
+    lam: float = 2.0,
+    weighting: str = "adaptive",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REFILLED stage-2 teaching term (cross-entropy NOT included).
+
+    - ``student_logits`` ``[B, C]``; ``teacher_emb`` ``[B, Dt]`` (raw, not normalised);
+      ``centers`` ``[C, Dt]`` the teacher's class centres for the student's C classes.
+      The centres are L2-normalised here (idempotent if the caller already did).
+    - Local classes L: those present in the batch (bool mask over C, static shape).
+    - Teacher local logits ``<phi_T(x_i), c_k>``, student local logits = its logits, both
+      restricted to L and divided by ``tau``; softmax over L only (classes outside L get
+      probability exactly 0).
+    - ``lambda_i = lam * p_T(y_i | x_i)`` (``"adaptive"``; p_T is the tempered local
+      teacher distribution above), ``lam`` (``"constant"``) or 0 (``"none"``); detached.
+    - ``loss = tau**2 * mean_i lambda_i * KL(p_T,i || p_S,i)``.
+
+    Returns ``(loss, lambda_i)`` with ``lambda_i`` of shape ``[B]``.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    _check_2d("student_logits", student_logits)
+    _check_2d("teacher_emb", teacher_emb)
+    _check_2d("centers", centers)
+    B, C = student_logits.shape
+    if teacher_emb.shape[0] != B:
+        raise ValueError("student_logits and teacher_emb must have the same batch size")
+    if centers.shape[0] != C or centers.shape[1] != teacher_emb.shape[1]:
+        raise ValueError(
+            f"centers must be [C={C}, Dt={teacher_emb.shape[1]}], got {tuple(centers.shape)}"
+        )
+    _check_labels(labels, B)
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    with _fp32(student_logits.device):
+        labels = labels.to(student_logits.device)
+        classes = torch.arange(C, device=student_logits.device)
+        present = (labels[:, None] == classes[None, :]).any(dim=0)  # [C], no host sync
+        neg_inf = float("-inf")
+        with torch.no_grad():
+            c = F.normalize(centers.detach().float(), p=2, dim=1)
+            t_logits = teacher_emb.detach().float() @ c.t()
+            logp_t = torch.log_softmax(t_logits.masked_fill(~present, neg_inf) / tau, dim=1)
+            p_t = logp_t.exp()
+            if weighting == "adaptive":
+                lam_i = lam * p_t.gather(1, labels[:, None]).squeeze(1)
+            elif weighting == "constant":
+                lam_i = torch.full((B,), float(lam), device=p_t.device)
+            else:
+                lam_i = torch.zeros(B, device=p_t.device)
+        logp_s = torch.log_softmax(
+            student_logits.float().masked_fill(~present, neg_inf) / tau, dim=1
+        )
+        terms = torch.where(present[None, :], p_t * (logp_t - logp_s), torch.zeros_like(logp_s))
+        kl = terms.sum(dim=1)
+        loss = tau**2 * (lam_i * kl).mean()
+    return loss, lam_i
+
+
+# --------------------------------------------------------------------------------------
+# RKD (Park et al., CVPR 2019)
+# --------------------------------------------------------------------------------------
+
+
+def _rkd_pdist(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Park et al.'s pdist: sqrt(clamp(||e_i||^2 + ||e_j||^2 - 2 e_i.e_j, eps)), diag 0."""
+    sq = e.pow(2).sum(dim=1)
+    res = (sq[:, None] + sq[None, :] - 2 * e @ e.t()).clamp(min=eps).sqrt()
+    eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
+    return res.masked_fill(eye, 0.0)
+
+
+def _rkd_normalised_dist(e: torch.Tensor) -> torch.Tensor:
+    d = _rkd_pdist(e)
+    nz = d > 0
+    mean = (d * nz).sum() / nz.sum().clamp(min=1)  # mean over non-zero entries, no sync
+    return d / mean.clamp(min=1e-12)
+
+
+def _rkd_angles(e: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at j between i and k: <e_ij, e_kj> with e_ij = normalise(x_i - x_j).
+
+    Park et al. build ``diff[a, b] = x_b - x_a`` and take ``diff[a] @ diff[a].T``: all
+    ``B**3`` triplets, vertex ``a``, degenerate entries (``b == a``) are 0.
+    """
+    diff = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)  # [a, b, D] = x_b - x_a
+    return torch.bmm(diff, diff.transpose(1, 2))
+
+
+def rkd_terms(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unweighted RKD distance and angle terms (raw, un-normalised embeddings).
+
+    distance: ``smooth_l1(psi_D(S), psi_D(T))`` averaged over all ``B x B`` entries, where
+    ``psi_D`` is the pairwise Euclidean distance matrix divided by the mean of its
+    non-zero (off-diagonal) entries. angle: ``smooth_l1`` between the ``B x B x B``
+    cosine-angle cubes of :func:`_rkd_angles`, averaged. Teacher under ``no_grad``.
+    ``smooth_l1`` uses beta = 1 (PyTorch's default, as in Park et al.'s code).
+    """
+    _check_2d("student_emb", student_emb)
+    _check_2d("teacher_emb", teacher_emb)
+    if student_emb.shape[0] != teacher_emb.shape[0]:
+        raise ValueError("student_emb and teacher_emb must have the same batch size")
+    with _fp32(student_emb.device):
+        s = student_emb.float()
+        with torch.no_grad():
+            t = teacher_emb.detach().float()
+            t_d = _rkd_normalised_dist(t)
+            t_a = _rkd_angles(t)
+        dist = F.smooth_l1_loss(_rkd_normalised_dist(s), t_d)
+        angle = F.smooth_l1_loss(_rkd_angles(s), t_a)
+    return dist, angle
+
+
+def rkd_loss(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+) -> torch.Tensor:
+    """RKD loss: ``distance_weight * dist + angle_weight * angle`` (see :func:`rkd_terms`)."""
+    dist, angle = rkd_terms(student_emb, teacher_emb)
+    return distance_weight * dist + angle_weight * angle
+
+
+# --------------------------------------------------------------------------------------
+# AML (asymmetric metric learning, Budnik & Avrithis, CVPR 2021)
+# --------------------------------------------------------------------------------------
+
+
+def aml_loss(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    labels: torch.Tensor,
+    projection: torch.nn.Module,
+    margin: float = 0.7,
+) -> torch.Tensor:
+    """Asymmetric contrastive loss (our reading of Budnik & Avrithis, CVPR 2021).
+
+    ``q_i = normalise(projection(student_emb_i))`` (``projection``: the caller's
+    ``nn.Linear`` from student to teacher width, trained with the student),
+    ``t_j = normalise(teacher_emb_j)`` (no grad), ``d_ij = ||q_i - t_j||_2``::
+
+        loss = 1 / (B (B - 1)) * sum_{i != j} [ y_i == y_j ] * d_ij**2
+                                            + [ y_i != y_j ] * relu(margin - d_ij)**2
+
+    i.e. Hadsell-style contrastive loss over every ordered pair ``i != j`` of the batch
+    (the pair ``i == j``, same image in both models, is excluded), averaged over those
+    ``B (B - 1)`` pairs. With ``B == 1`` the loss is a zero connected to the graph.
+    """
+    _check_2d("student_emb", student_emb)
+    _check_2d("teacher_emb", teacher_emb)
+    B = student_emb.shape[0]
+    if teacher_emb.shape[0] != B:
+        raise ValueError("student_emb and teacher_emb must have the same batch size")
+    _check_labels(labels, B)
+    proj = projection(student_emb)
+    with _fp32(student_emb.device):
+        q = F.normalize(proj.float(), p=2, dim=1)
+        with torch.no_grad():
+            t = F.normalize(teacher_emb.detach().float(), p=2, dim=1)
+        d = torch.cdist(q, t, p=2)
+        labels = labels.to(d.device)
+        same = labels[:, None] == labels[None, :]
+        eye = torch.eye(B, dtype=torch.bool, device=d.device)
+        per_pair = torch.where(same, d.pow(2), F.relu(margin - d).pow(2))
+        per_pair = torch.where(eye, torch.zeros_like(per_pair), per_pair)
+        return per_pair.sum() / max(B * (B - 1), 1)
