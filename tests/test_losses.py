@@ -564,9 +564,7 @@ def test_aml_against_loop(seed):
     total, pairs, n_pos, n_active_neg = 0.0, 0, 0, 0
     for i in range(B):
         qi = q[i] / np.linalg.norm(q[i])
-        for j in range(B):
-            if i == j:
-                continue
+        for j in range(B):  # j == i (the teacher's view of the same image) is a positive
             tj = tn[j] / np.linalg.norm(tn[j])
             d = np.linalg.norm(qi - tj)
             if labels[i] == labels[j]:
@@ -592,7 +590,8 @@ def test_aml_margin_term_active():
     u = F.normalize(t, dim=1)
     d01 = (u[0] - u[1]).norm().item()
     assert d01 < 0.7
-    assert loss.item() == pytest.approx(2 * (0.7 - d01) ** 2 / (B * (B - 1)), rel=1e-5)
+    # the four i == j pairs are positives at distance 0
+    assert loss.item() == pytest.approx(2 * (0.7 - d01) ** 2 / (B * B), rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------

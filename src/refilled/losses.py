@@ -388,12 +388,12 @@ def aml_loss(
     ``nn.Linear`` from student to teacher width, trained with the student),
     ``t_j = normalise(teacher_emb_j)`` (no grad), ``d_ij = ||q_i - t_j||_2``::
 
-        loss = 1 / (B (B - 1)) * sum_{i != j} [ y_i == y_j ] * d_ij**2
-                                            + [ y_i != y_j ] * relu(margin - d_ij)**2
+        loss = 1 / B**2 * sum_{i, j} [ y_i == y_j ] * d_ij**2
+                                   + [ y_i != y_j ] * relu(margin - d_ij)**2
 
-    i.e. Hadsell-style contrastive loss over every ordered pair ``i != j`` of the batch
-    (the pair ``i == j``, same image in both models, is excluded), averaged over those
-    ``B (B - 1)`` pairs. With ``B == 1`` the loss is a zero connected to the graph.
+    i.e. Hadsell-style contrastive loss over every ordered pair of the batch, averaged.
+    The pair ``i == j`` (the teacher's embedding of the student's own image) is a
+    positive: the asymmetric setting's most direct target.
     """
     _check_2d("student_emb", student_emb)
     _check_2d("teacher_emb", teacher_emb)
@@ -409,7 +409,5 @@ def aml_loss(
         d = torch.cdist(q, t, p=2)
         labels = labels.to(d.device)
         same = labels[:, None] == labels[None, :]
-        eye = torch.eye(B, dtype=torch.bool, device=d.device)
         per_pair = torch.where(same, d.pow(2), F.relu(margin - d).pow(2))
-        per_pair = torch.where(eye, torch.zeros_like(per_pair), per_pair)
-        return per_pair.sum() / max(B * (B - 1), 1)
+        return per_pair.mean()
