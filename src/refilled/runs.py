@@ -144,9 +144,6 @@ def train_stage1(spec: RunSpec, teacher_path: Path, k_hat: int | None, tau: floa
     return ctx.fit(method, lambda: ctx.ncm(student), "stage1", {"method": "stage1", **spec.params})
 
 
-def teacher_centers(ctx: Context, teacher) -> torch.Tensor:
-    _, emb, y = forward_all(teacher, ctx.train_plain, ctx.device)
-    return batch_centers(emb, y, len(ctx.classes))
 
 
 def train_stage2(spec: RunSpec, teacher_path: Path, init_path: Path, variant: str, lam: float = 2.0,
@@ -161,20 +158,20 @@ def train_stage2(spec: RunSpec, teacher_path: Path, init_path: Path, variant: st
     ctx = Context(spec, "student")
     teacher = ctx.load_teacher(teacher_path)
     student, _ = load_model(init_path, arch=spec.arch, num_classes=len(ctx.classes))
-    fixed = teacher_centers(ctx, teacher)
+    _, t_emb, t_labels = forward_all(teacher, ctx.train_plain, ctx.device)  # un-augmented student images
+    fixed = batch_centers(t_emb, t_labels, len(ctx.classes))
     method = LocalDistillation(student, teacher, fixed if centers == "fixed" else None,
                                VARIANT_WEIGHTING[variant], lam, tau)
 
     def finish():
-        write_lambda_dump(ctx, teacher, fixed, method, spec.out / "lambda_i.csv")
+        write_lambda_dump(ctx, t_emb, t_labels, fixed, method, spec.out / "lambda_i.csv")
         return ctx.ncm(student)
 
     return ctx.fit(method, lambda: ctx.test_accuracy(student), "stage2", {"method": variant, **spec.params}, finish)
 
 
-def write_lambda_dump(ctx: Context, teacher, centers, method: LocalDistillation, path: Path) -> None:
-    """λ_i of every training instance, all student classes as the local set (un-augmented)."""
-    _, emb, y = forward_all(teacher, ctx.train_plain, ctx.device)
+def write_lambda_dump(ctx: Context, emb, y, centers, method: LocalDistillation, path: Path) -> None:
+    """λ_i of every training instance from its teacher embedding, all student classes as the local set."""
     p_true = true_class_probability(emb, centers, y, method.tau)
     scale = {"adaptive": method.lam * p_true, "constant": torch.full_like(p_true, method.lam),
              "none": torch.zeros_like(p_true)}[method.weighting]
