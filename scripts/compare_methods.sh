@@ -11,7 +11,8 @@ SEEDS=${SEEDS:-"0 1 2"}
 TEACHER_ARCH=${TEACHER_ARCH:-wrn-16-2}; TEACHER_PER_CLASS=${TEACHER_PER_CLASS:-1000}; TEACHER_EPOCHS=${TEACHER_EPOCHS:-8}
 ARCH=${ARCH:-wrn-16-1}; PER_CLASS=${PER_CLASS:-150}
 STAGE1_EPOCHS=${STAGE1_EPOCHS:-15}; EPOCHS=${EPOCHS:-20}; LAM=${LAM:-2}
-common="--profile compare"
+EVAL_EVERY=${EVAL_EVERY:-1}
+common="--profile compare --eval-every $EVAL_EVERY"
 run() { local out=$1; shift; [ -f "$out/summary.json" ] || "$@" --out "$out"; }
 
 for s in $SEEDS; do
@@ -19,7 +20,7 @@ for s in $SEEDS; do
   $R split --dataset fashion-mnist --ratio 0 --seed "$s" --classes-per-task 5 --out "$d/split_r0.json" >/dev/null
   $R split --dataset fashion-mnist --ratio "$RATIO" --seed "$s" --classes-per-task 5 --out "$d/split_r$RATIO.json" >/dev/null
   run "$d/teacher" $R train-teacher --split "$d/split_r0.json" --arch "$TEACHER_ARCH" --epochs "$TEACHER_EPOCHS" \
-    --per-class "$TEACHER_PER_CLASS" --seed "$s" $common
+    --per-class "$TEACHER_PER_CLASS" --seed "$s" --profile compare
   # cross-task transfer: the teacher's embedding vs a random network's on the 5 classes it never saw
   $R ncm --split "$d/split_r0.json" --task student --model "$d/teacher/model.pt" --per-class "$TEACHER_PER_CLASS" \
     --seed "$s" --out "$d/ncm_teacher_unseen.json"

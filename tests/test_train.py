@@ -147,3 +147,16 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     _run(tmp_path, 1, ds, seed=3)
     with pytest.raises(CheckpointError, match="another configuration"):
         _run(tmp_path, 1, ds, seed=4)
+
+
+def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(tmp_path):
+    ds = tiny_dataset()
+    train = Batches(task_split(ds.train, [0, 1, 2, 3]), ds, 8, True, CPU, 0)
+    torch.manual_seed(0)
+    model = build_model("wrn-10-1", 4)
+    calls = []
+    cfg = OptimConfig(epochs=5, batch_size=8, lr=0.05, eval_every=2)
+    fit(CrossEntropy(model), train, lambda: calls.append(1) or {"test_acc": 0.5}, cfg, tmp_path, CPU, 0)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["test_acc"] for r in rows] == ["", "0.5", "", "0.5", "0.5"]
+    assert len(calls) == 3

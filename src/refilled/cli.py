@@ -38,6 +38,8 @@ def _add_train_args(p: argparse.ArgumentParser, schedule: str = "multistep") -> 
                    help="multistep: x0.2 at 50%%, 70%%, 90%% of the epochs; cosine: down to 0.1*lr")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for file datasets (CUB)")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate (test accuracy / NCM) every k epochs and after the last (default 1)")
     p.add_argument("--profile", default="manual", help="profile name recorded in summary.json")
     p.add_argument("--out", required=True, type=Path, help="run directory (model.pt, metrics.csv, summary.json)")
 
@@ -127,7 +129,81 @@ def build_parser() -> argparse.ArgumentParser:
     ncm.add_argument("--device", default="auto")
     ncm.add_argument("--out", type=Path, help="write the result as JSON here")
     ncm.set_defaults(func=cmd_ncm)
+
+    # ---- workflow commands (Snakemake rules call these; see workflow/rules/) ----
+    prep = sub.add_parser("prepare-data", help="verify a dataset and lay out the data root one workflow profile reads",
+                          description="Verify DATASET under --root (checksums where known), then write OUT/<dataset dir>: "
+                                      "a link to the verified files, or, with --test-per-class / --train-per-class "
+                                      "(Fashion-MNIST only), IDX files holding a seeded per-class subsample. Writes "
+                                      "OUT/<dataset>.json last, describing what was prepared.")
+    prep.add_argument("--dataset", required=True, choices=("fashion-mnist", "cifar100", "cub200"))
+    prep.add_argument("--root", required=True, help="directory holding the raw datasets (data/raw)")
+    prep.add_argument("--out", required=True, type=Path, help="prepared data root (data/prepared/PROFILE)")
+    prep.add_argument("--test-per-class", type=_optional_int, default=None, help="keep this many test images per class (or 'all')")
+    prep.add_argument("--train-per-class", type=_optional_int, default=None, help="keep this many training images per class (or 'all')")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the subsample")
+    prep.add_argument("--no-checksum", action="store_true")
+    prep.set_defaults(func=cmd_prepare_data)
+
+    pin = sub.add_parser("pin", help="run one refilled command pinned to a GPU slot and a set of CPU cores",
+                         description="Run `refilled COMMAND ...` in this process after choosing a free slot through lock "
+                                     "files: on a machine with N GPUs one of N x --per-gpu GPU slots "
+                                     "(CUDA_VISIBLE_DEVICES = that GPU, so --device auto means it), and one of "
+                                     "cores // --threads CPU slots (the process's CPU affinity, so torch uses exactly "
+                                     "--threads cores). Waits while every slot is taken. Without GPUs only the CPU "
+                                     "pinning applies. Slots are released when the process exits.")
+    pin.add_argument("--gpus", default="auto", help="number of GPUs to share, or auto (CUDA_VISIBLE_DEVICES, else nvidia-smi -L)")
+    pin.add_argument("--per-gpu", type=int, default=1, help="jobs at once per GPU (default 1)")
+    pin.add_argument("--threads", type=int, default=0, help="CPU cores for this job (0: no CPU pinning)")
+    pin.add_argument("--lock-dir", type=Path, default=None, help="where the slot lock files live (default: a per-user temp dir)")
+    pin.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the refilled command to run")
+    pin.set_defaults(func=cmd_pin)
+
+    table = sub.add_parser("table", help="a paper table (1, 2 or 4) from run summaries: wide CSV, long CSV, Markdown",
+                           description="Tables 1 and 2: one block per overlap ratio, methods as rows, student "
+                                       "architectures as columns, cells 'mean ± std' of the final-epoch test accuracy "
+                                       "(%%) over seeds. Table 4: overlap ratios as rows, K-hat as columns, NCM accuracy "
+                                       "after stage 1. Every number is read from the summary.json files given; a "
+                                       "missing or duplicated cell is an error.")
+    table.add_argument("--table", required=True, choices=("1", "2", "4"))
+    table.add_argument("--summaries", required=True, nargs="+", type=Path, help="summary.json of every run in the table")
+    table.add_argument("--ratios", required=True, nargs="+", type=float, help="row blocks, in order")
+    table.add_argument("--columns", required=True, nargs="+",
+                       help="Tables 1/2: student architectures; Table 4: K-hat values (1, 5, inf), in order")
+    table.add_argument("--methods", nargs="+", default=None, help="Tables 1/2: methods (rows), in order (default: all six)")
+    table.add_argument("--lam", type=float, default=None, help="Tables 1/2: the lambda of the REFILLED rows (check)")
+    table.add_argument("--out", required=True, type=Path, help="wide CSV (the supplement's shape)")
+    table.add_argument("--long", required=True, type=Path, help="long CSV: one row per run")
+    table.add_argument("--markdown", required=True, type=Path)
+    table.set_defaults(func=cmd_table)
+
+    auc = sub.add_parser("lambda-auc", help="AUC of lambda_i separating seen from unseen classes, per stage-2 run",
+                         description="For each stage-2 run directory (lambda_i.csv + summary.json): the ROC AUC of "
+                                     "lambda_i as a score for 'the class is one the teacher was trained on', and the "
+                                     "mean lambda_i of seen and unseen instances. Empty AUC where one group is empty.")
+    auc.add_argument("--runs", required=True, nargs="+", type=Path, help="stage-2 run directories")
+    auc.add_argument("--out", required=True, type=Path, help="CSV, one row per run")
+    auc.set_defaults(func=cmd_lambda_auc)
+
+    fig = sub.add_parser("figure", help="a paper figure (1, 2 or 3) as PNG and PDF",
+                         description="1: convergence (stage-1 loss and NCM accuracy, stage-2 CE, KL and test accuracy "
+                                     "per epoch); 2: REFILLED accuracy against lambda per student; 3: histograms of "
+                                     "lambda_i, seen vs unseen classes, with the AUC.")
+    fig.add_argument("--figure", required=True, choices=("1", "2", "3"))
+    fig.add_argument("--runs", required=True, nargs="+", type=Path,
+                     help="1: the stage-1 run then the stage-2 run (repeat the pair per seed); 2 and 3: run directories")
+    fig.add_argument("--out", required=True, type=Path, help="output path without suffix; writes OUT.png and OUT.pdf")
+    fig.set_defaults(func=cmd_figure)
     return parser
+
+
+def _optional_int(value: str) -> int | None:
+    if value in ("all", "none", "None", "null"):
+        return None
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value}")
+    return n
 
 
 def cmd_data_fetch(args) -> int:
@@ -166,7 +242,8 @@ def _spec(args):
     return RunSpec(split=args.split, arch=args.arch, out=args.out, epochs=args.epochs, seed=args.seed,
                    data_root=Path(args.data_root), per_class=args.per_class, verify_checksums=not args.no_checksum,
                    batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
-                   device=args.device, num_workers=args.num_workers, profile=args.profile)
+                   device=args.device, num_workers=args.num_workers, eval_every=args.eval_every,
+                   profile=args.profile)
 
 
 def _report(summary: dict) -> int:
@@ -233,6 +310,174 @@ def cmd_ncm(args) -> int:
     if args.out:
         write_json(args.out, result)
     print(f"NCM accuracy on the {args.task} classes {result['classes']}: {acc:.4f}")
+    return 0
+
+
+def _idx_bytes(array) -> bytes:
+    import struct
+
+    import numpy as np
+
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    return struct.pack(f">I{array.ndim}I", 0x0800 | array.ndim, *array.shape) + array.tobytes()
+
+
+def cmd_prepare_data(args) -> int:
+    import os
+
+    import numpy as np
+    import torch
+
+    from refilled.data import dataset_dir, load_dataset
+    from refilled.data.splits import indices_digest, subsample_per_class
+    from refilled.io import atomic_write_bytes, write_json
+
+    root, out = Path(args.root), Path(args.out)
+    subsample = args.test_per_class is not None or args.train_per_class is not None
+    if subsample and args.dataset != "fashion-mnist":
+        raise ValueError(f"--test-per-class/--train-per-class are implemented for fashion-mnist only, not {args.dataset}")
+    dataset = load_dataset(args.dataset, root, verify_checksums=not args.no_checksum)   # raises on any problem
+    src, dst = dataset_dir(args.dataset, root), dataset_dir(args.dataset, out)
+    out.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.is_file():
+        dst.unlink()
+    info = {"dataset": args.dataset, "source": str(src), "path": str(dst), "seed": args.seed,
+            "checksums": "skipped" if args.no_checksum else "verified where known"}
+    if not subsample:
+        if dst.is_dir():
+            raise ValueError(f"{dst} exists and is a directory; remove it to link the full dataset there")
+        os.symlink(os.path.relpath(src.resolve(), dst.parent.resolve()), dst)
+        info.update(kind="link", n_train=len(dataset.train), n_test=len(dataset.test))
+    else:
+        dst.mkdir(parents=True, exist_ok=True)
+        for prefix, part, per_class in (("train", dataset.train, args.train_per_class),
+                                        ("t10k", dataset.test, args.test_per_class)):
+            labels = part.labels
+            keep = subsample_per_class(labels, sorted(set(labels.tolist())), per_class, args.seed)
+            keep = keep.sort().values                      # original order of the file
+            images = part.images[keep][:, 0, 2:30, 2:30]  # undo the 32x32 padding: the original 28x28 pixels
+            atomic_write_bytes(dst / f"{prefix}-images-idx3-ubyte", _idx_bytes(images.numpy()))
+            atomic_write_bytes(dst / f"{prefix}-labels-idx1-ubyte", _idx_bytes(labels[keep].numpy().astype(np.uint8)))
+            for stale in (dst / f"{prefix}-images-idx3-ubyte.gz", dst / f"{prefix}-labels-idx1-ubyte.gz"):
+                stale.unlink(missing_ok=True)
+            info[f"{'test' if prefix == 't10k' else 'train'}_per_class"] = per_class
+            info[f"n_{'test' if prefix == 't10k' else 'train'}"] = len(keep)
+            info[f"{'test' if prefix == 't10k' else 'train'}_digest"] = indices_digest(keep)
+        info["kind"] = "subsample"
+        check = load_dataset(args.dataset, out, verify_checksums=False)
+        if not torch.equal(check.test.images, dataset.test.images[subsample_per_class(
+                dataset.test.labels, sorted(set(dataset.test.labels.tolist())), args.test_per_class, args.seed
+        ).sort().values]):
+            raise ValueError("the prepared test images differ from the source images (IDX round trip failed)")
+    write_json(out / f"{args.dataset}.json", info)
+    print(f"{args.dataset} prepared in {dst} ({info['kind']}): {info['n_train']} training, {info['n_test']} test images")
+    return 0
+
+
+_HELD_SLOTS: list = []   # open lock files: a slot is held as long as this process lives
+
+
+def _count_gpus(spec: str) -> int:
+    import os
+    import shutil
+    import subprocess
+
+    if spec != "auto":
+        n = int(spec)
+        if n < 0:
+            raise ValueError(f"--gpus must be >= 0 or auto, got {spec}")
+        return n
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def _take_slot(lock_dir: Path, names: list[str]) -> int:
+    """Index of the first free slot among `names` (blocking until one is free); the lock is kept."""
+    import fcntl
+    import time
+
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        for i, name in enumerate(names):
+            f = open(lock_dir / f"{name}.lock", "a")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            _HELD_SLOTS.append(f)
+            return i
+        if not waited:
+            print(f"refilled pin: all {len(names)} slots in {lock_dir} are busy; waiting", file=sys.stderr, flush=True)
+            waited = True
+        time.sleep(1.0)
+
+
+def cmd_pin(args) -> int:
+    import os
+    import tempfile
+
+    rest = list(args.rest)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if not rest or rest[0] == "pin":
+        raise ValueError("pin needs a refilled command to run after '--', e.g. pin --threads 1 -- train-teacher ...")
+    if args.per_gpu < 1 or args.threads < 0:
+        raise ValueError("--per-gpu must be >= 1 and --threads >= 0")
+    lock_dir = args.lock_dir or Path(tempfile.gettempdir()) / f"refilled-slots-{os.getuid()}"
+    n_gpus = _count_gpus(args.gpus)
+    if n_gpus > 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(n_gpus)]
+        ids = ids[:n_gpus]
+        # slot s -> GPU s % n: the first jobs spread over the GPUs
+        slots = [f"gpu{ids[s % n_gpus]}-slot{s // n_gpus}" for s in range(n_gpus * args.per_gpu)]
+        gpu = ids[_take_slot(lock_dir, slots) % n_gpus]
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        print(f"refilled pin: GPU {gpu}", file=sys.stderr, flush=True)
+    if args.threads and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        n_slots = len(cores) // args.threads
+        if n_slots >= 1:
+            k = _take_slot(lock_dir, [f"cpu{cores[s * args.threads]}-x{args.threads}" for s in range(n_slots)])
+            mine = cores[k * args.threads:(k + 1) * args.threads]
+            os.sched_setaffinity(0, mine)
+            print(f"refilled pin: CPU cores {mine}", file=sys.stderr, flush=True)
+    return main(rest)
+
+
+def cmd_table(args) -> int:
+    from refilled.tables import write_table
+
+    path = write_table(args.table, args.summaries, args.ratios, args.columns, args.methods, args.lam,
+                       args.out, args.long, args.markdown)
+    print(f"table {args.table}: {path}")
+    return 0
+
+
+def cmd_lambda_auc(args) -> int:
+    from refilled.tables import write_lambda_auc
+
+    rows = write_lambda_auc(args.runs, args.out)
+    for r in rows:
+        print(f"{r['run']}: AUC {r['auc']}")
+    return 0
+
+
+def cmd_figure(args) -> int:
+    from refilled.figures import FIGURES
+
+    paths = FIGURES[args.figure](args.runs, args.out)
+    print("wrote " + ", ".join(map(str, paths)))
     return 0
 
 

@@ -45,6 +45,7 @@ class RunSpec:
     schedule: str = "multistep"
     device: str = "auto"
     num_workers: int = 0
+    eval_every: int = 1
     profile: str = "manual"
     params: dict = field(default_factory=dict)  # method-specific settings, recorded and resume-checked
 
@@ -100,7 +101,7 @@ class Context:
         """Train, save the model, run `finish()` (extra outputs and metrics), write summary.json."""
         spec = self.spec
         cfg = OptimConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-                          weight_decay=spec.weight_decay, schedule=spec.schedule,
+                          weight_decay=spec.weight_decay, schedule=spec.schedule, eval_every=spec.eval_every,
                           extra={"kind": kind, "arch": spec.arch, "split": self.split, "per_class": spec.per_class,
                                  **spec.params})
         began = time.time()

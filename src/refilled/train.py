@@ -38,11 +38,14 @@ class OptimConfig:
     milestones: tuple[float, ...] = (0.5, 0.7, 0.9)  # fractions of the epochs
     gamma: float = 0.2
     final_lr_fraction: float = 0.1            # cosine ends at lr * this
+    eval_every: int = 1                       # evaluate every k epochs (and always after the last)
     extra: dict = field(default_factory=dict)  # anything else that must match on resume
 
     def __post_init__(self):
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.schedule not in ("multistep", "cosine"):
             raise ValueError(f"schedule must be 'multistep' or 'cosine', got {self.schedule!r}")
 
@@ -105,11 +108,12 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
                     + f"; the last good checkpoint ({run_dir / RESUME_FILE}, epoch {epoch}) is kept"
                 )
         seconds = time.perf_counter() - began
-        scores = evaluate()
+        due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+        scores = evaluate() if due else {}
         rows.append({"epoch": epoch + 1, "lr": lr, **{k: round(v, 6) for k, v in terms.items()},
                      "loss": round(sum(terms.values()), 6), "train_acc": round(correct / max(seen, 1), 6),
                      **{k: round(v, 6) for k, v in scores.items()}, "seconds": round(seconds, 3)})
-        write_csv(run_dir / METRICS_FILE, rows, list(rows[0]))
+        write_csv(run_dir / METRICS_FILE, rows, list(dict.fromkeys(k for row in rows for k in row)))
         save_tensors(run_dir / RESUME_FILE, {"fingerprint": fingerprint, "epoch": epoch + 1, "rows": rows,
                                              "method": method.state_dict(), "optimizer": opt.state_dict()})
     return rows[-1]
