@@ -4,6 +4,7 @@ the data and the teacher, build the method, train it through `train.fit`, and wr
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from refilled.io import CheckpointError, read_json, write_csv, write_json
 from refilled.methods import CrossEntropy
 from refilled.methods.distill import AML, RKD, ComparisonMatching, LocalDistillation, batch_centers
 from refilled.models import build_model
-from refilled.train import RESUME_FILE, OptimConfig, fit, resolve_device, set_cpu_threads
+from refilled.train import RESUME_FILE, OptimConfig, fit, resolve_device, run_fingerprint, set_cpu_threads
 
 VARIANT_WEIGHTING = {"refilled": "adaptive", "refilled-minus": "constant", "refilled-emb": "none"}
 BASELINES = ("student", "rkd", "aml")
@@ -104,6 +105,9 @@ class Context:
                           weight_decay=spec.weight_decay, schedule=spec.schedule, eval_every=spec.eval_every,
                           extra={"kind": kind, "arch": spec.arch, "split": self.split, "per_class": spec.per_class,
                                  **spec.params})
+        finished = self._finished_run(run_fingerprint(cfg, spec.seed))
+        if finished is not None:
+            return finished
         began = time.time()
         last = fit(method, self.train, evaluate, cfg, spec.out, self.device, spec.seed)
         save_model(spec.out / "model.pt", method.student, spec.arch, self.classes)
@@ -118,10 +122,24 @@ class Context:
             "data": {"root": str(spec.data_root), "per_class": spec.per_class, "train": self.train.split.describe(),
                      "test": self.test.split.describe()},
             "profile": spec.profile, "seconds": round(time.time() - began, 1), **environment(self.device),
+            "fingerprint": run_fingerprint(cfg, spec.seed),
         }
         write_json(spec.out / "summary.json", full)
         (spec.out / RESUME_FILE).unlink(missing_ok=True)
         return full
+
+
+    def _finished_run(self, fingerprint: dict) -> dict | None:
+        """The summary of a finished run with this configuration; refuse one with another."""
+        path = self.spec.out / "summary.json"
+        if not path.exists():
+            return None
+        summary = read_json(path)
+        if summary.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+            raise CheckpointError(f"{self.spec.out} holds a finished run with another configuration; "
+                                  f"delete the directory or choose another --out")
+        print(f"{self.spec.out}: finished already, nothing to do")
+        return summary
 
 
 def environment(device) -> dict:

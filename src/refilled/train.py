@@ -50,6 +50,11 @@ class OptimConfig:
             raise ValueError(f"schedule must be 'multistep' or 'cosine', got {self.schedule!r}")
 
 
+def run_fingerprint(cfg: OptimConfig, seed: int) -> dict:
+    """Everything that must match for a run directory to be resumed or reused."""
+    return {"optim": asdict(cfg), "seed": seed}
+
+
 def lr_at(cfg: OptimConfig, epoch: int) -> float:
     if cfg.schedule == "cosine":
         final = cfg.lr * cfg.final_lr_fraction
@@ -90,7 +95,7 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=True, **({"fused": True} if cuda else {}))
-    fingerprint = {"optim": asdict(cfg), "seed": seed}
+    fingerprint = run_fingerprint(cfg, seed)
     rows, start = _resume(run_dir, method, opt, fingerprint)
 
     for epoch in range(start, cfg.epochs):
