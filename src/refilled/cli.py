@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="1: the stage-1 run then the stage-2 run (repeat the pair per seed); 2 and 3: run directories")
     fig.add_argument("--out", required=True, type=Path, help="output path without suffix; writes OUT.png and OUT.pdf")
     fig.set_defaults(func=cmd_figure)
+    from refilled.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -323,8 +326,6 @@ def _idx_bytes(array) -> bytes:
 
 
 def cmd_prepare_data(args) -> int:
-    import os
-
     import numpy as np
     import torch
 
@@ -339,17 +340,15 @@ def cmd_prepare_data(args) -> int:
     dataset = load_dataset(args.dataset, root, verify_checksums=not args.no_checksum)   # raises on any problem
     src, dst = dataset_dir(args.dataset, root), dataset_dir(args.dataset, out)
     out.mkdir(parents=True, exist_ok=True)
-    if dst.is_symlink() or dst.is_file():
-        dst.unlink()
-    info = {"dataset": args.dataset, "source": str(src), "path": str(dst), "seed": args.seed,
+    info = {"dataset": args.dataset, "source": str(src), "seed": args.seed,
             "checksums": "skipped" if args.no_checksum else "verified where known"}
     if not subsample:
-        if dst.is_dir():
-            raise ValueError(f"{dst} exists and is a directory; remove it to link the full dataset there")
-        os.symlink(os.path.relpath(src.resolve(), dst.parent.resolve()), dst)
-        info.update(kind="link", n_train=len(dataset.train), n_test=len(dataset.test))
+        # nothing to copy: runs read the verified files where they are (--data-root ROOT)
+        info.update(kind="verified", path=str(src), data_root=str(root), n_train=len(dataset.train),
+                    n_test=len(dataset.test))
     else:
         dst.mkdir(parents=True, exist_ok=True)
+        kept = {}
         for prefix, part, per_class in (("train", dataset.train, args.train_per_class),
                                         ("t10k", dataset.test, args.test_per_class)):
             labels = part.labels
@@ -363,14 +362,13 @@ def cmd_prepare_data(args) -> int:
             info[f"{'test' if prefix == 't10k' else 'train'}_per_class"] = per_class
             info[f"n_{'test' if prefix == 't10k' else 'train'}"] = len(keep)
             info[f"{'test' if prefix == 't10k' else 'train'}_digest"] = indices_digest(keep)
-        info["kind"] = "subsample"
-        check = load_dataset(args.dataset, out, verify_checksums=False)
-        if not torch.equal(check.test.images, dataset.test.images[subsample_per_class(
-                dataset.test.labels, sorted(set(dataset.test.labels.tolist())), args.test_per_class, args.seed
-        ).sort().values]):
-            raise ValueError("the prepared test images differ from the source images (IDX round trip failed)")
+            kept[prefix] = part.images[keep]
+        check = load_dataset(args.dataset, out, verify_checksums=False)   # read back through the real loader
+        if not (torch.equal(check.train.images, kept["train"]) and torch.equal(check.test.images, kept["t10k"])):
+            raise ValueError("the prepared images differ from the source images (IDX round trip failed)")
+        info.update(kind="subsample", path=str(dst), data_root=str(out))
     write_json(out / f"{args.dataset}.json", info)
-    print(f"{args.dataset} prepared in {dst} ({info['kind']}): {info['n_train']} training, {info['n_test']} test images")
+    print(f"{args.dataset} ({info['kind']}) in {info['path']}: {info['n_train']} training, {info['n_test']} test images")
     return 0
 
 

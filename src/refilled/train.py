@@ -1,7 +1,13 @@
 """The one training loop every method goes through.
 
 SGD with Nesterov momentum, a multi-step or cosine schedule set per epoch, bf16 autocast
-and channels-last on CUDA (fp32 on the CPU). After every epoch: one row of metrics.csv
+and channels-last on CUDA (fp32 on the CPU). Each batch goes through one
+`refilled.step.TrainStep`: on CUDA the whole step (teacher forward, student forward and
+backward, mining, losses, fused SGD) is captured in a CUDA graph and replayed
+(``REFILLED_CUDA_GRAPH=0`` runs it eagerly); on the CPU the same step runs eagerly. Loss
+terms and accuracy are accumulated on the device and read once per epoch; a non-finite
+loss term stops the run within ``NAN_CHECK_EVERY`` steps, naming epoch, step and terms.
+After every epoch: one row of metrics.csv
 and a resume checkpoint, both written atomically. A run started again in the same
 directory with the same configuration continues after the last finished epoch; because
 each epoch's data order and augmentation come from (seed, epoch), the resumed run ends
@@ -18,10 +24,19 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
+
+try:
+    from tqdm import tqdm
+except ImportError:   # a bare PyTorch image (scripts/gpu_check.sh): no progress bar
+    def tqdm(iterable, **_):
+        return iterable
 
 from refilled.io import CheckpointError, load_tensors, save_tensors, write_csv
 from refilled.methods import Method
+from refilled.step import NonFiniteLoss, TrainStep
+
+__all__ = ["OptimConfig", "NonFiniteLoss", "TrainStep", "fit", "lr_at", "resolve_device", "run_fingerprint",
+           "set_cpu_threads", "RESUME_FILE", "METRICS_FILE", "NAN_CHECK_EVERY"]
 
 RESUME_FILE = "resume.pt"
 METRICS_FILE = "metrics.csv"
@@ -76,42 +91,47 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-class NonFiniteLoss(FloatingPointError):
-    pass
+NAN_CHECK_EVERY = int(os.environ.get("REFILLED_NAN_CHECK_EVERY", "50"))
 
 
 def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]], cfg: OptimConfig,
-        run_dir: str | Path, device: torch.device, seed: int) -> dict:
+        run_dir: str | Path, device: torch.device, seed: int, graph: str | bool | None = "auto",
+        check_every: int | None = None) -> dict:
     """Train `method` for cfg.epochs; return the last epoch's metrics row.
 
     `evaluate()` runs after every epoch and returns the metrics to log (test accuracy,
-    NCM accuracy, ...)."""
+    NCM accuracy, ...). `graph`: "auto" (CUDA graph on CUDA), "on", "off" or "emulate"
+    (see `refilled.step`); it does not change the result beyond floating-point noise, so it
+    is not part of the run's fingerprint."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cuda = device.type == "cuda"
     method.to(device)
     if cuda:
         method.to(memory_format=torch.channels_last)
-    params = [p for p in method.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          nesterov=True, **({"fused": True} if cuda else {}))
+        torch.backends.cudnn.benchmark = True
+    step = TrainStep(method, device, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, graph=graph,
+                     check_every=NAN_CHECK_EVERY if check_every is None else check_every)
     fingerprint = run_fingerprint(cfg, seed)
-    rows, start = _resume(run_dir, method, opt, fingerprint)
+    rows, start = _resume(run_dir, method, step, fingerprint)   # before any capture
 
     for epoch in range(start, cfg.epochs):
         lr = lr_at(cfg, epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        step.begin_epoch(epoch, lr)
         train_batches.set_epoch(epoch)
         began = time.perf_counter()
-        terms, correct, seen = _train_epoch(method, train_batches, opt, cuda, f"epoch {epoch + 1}/{cfg.epochs}")
-        for name, value in terms.items():
+        try:
+            terms, correct, seen = _train_epoch(method, train_batches, step, f"epoch {epoch + 1}/{cfg.epochs}")
+        except NonFiniteLoss as exc:
+            raise NonFiniteLoss(f"{exc}; the last good checkpoint ({run_dir / RESUME_FILE}, epoch {epoch}) is kept",
+                                exc.epoch, exc.step, exc.terms) from None
+        for name, value in terms.items():   # end_epoch checked the flag; this catches overflow of the sums
             if not math.isfinite(value):
                 raise NonFiniteLoss(
                     f"non-finite loss at epoch {epoch + 1}: "
                     + ", ".join(f"{k}={v}" for k, v in terms.items())
-                    + f"; the last good checkpoint ({run_dir / RESUME_FILE}, epoch {epoch}) is kept"
-                )
+                    + f"; the last good checkpoint ({run_dir / RESUME_FILE}, epoch {epoch}) is kept",
+                    epoch + 1, None, terms)
         seconds = time.perf_counter() - began
         due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
         scores = evaluate() if due else {}
@@ -120,32 +140,20 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
                      **{k: round(v, 6) for k, v in scores.items()}, "seconds": round(seconds, 3)})
         write_csv(run_dir / METRICS_FILE, rows, list(dict.fromkeys(k for row in rows for k in row)))
         save_tensors(run_dir / RESUME_FILE, {"fingerprint": fingerprint, "epoch": epoch + 1, "rows": rows,
-                                             "method": method.state_dict(), "optimizer": opt.state_dict()})
+                                             "method": method.state_dict(), "optimizer": step.optimizer_state_dict()})
     return rows[-1]
 
 
-def _train_epoch(method, batches, opt, cuda, desc):
+def _train_epoch(method, batches, step: TrainStep, desc):
+    """One epoch of `step` over `batches`; (mean loss terms, correct, seen). No host sync
+    per batch: the sums live on the device until `end_epoch`."""
     method.train()
-    sums: dict[str, torch.Tensor] = {}
-    correct = torch.zeros((), dtype=torch.long, device=next(method.parameters()).device)
-    seen = 0
     for x, y in tqdm(batches, total=len(batches), desc=desc, leave=False, disable=None, mininterval=2):
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits, losses = method.loss(x, y)
-        total = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        for name, value in losses.items():
-            sums[name] = sums.get(name, 0) + value.detach().float() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-    return {k: float(v) / max(seen, 1) for k, v in sums.items()}, int(correct), seen
+        step.step(x, y)
+    return step.end_epoch()
 
 
-def _resume(run_dir: Path, method, opt, fingerprint) -> tuple[list[dict], int]:
+def _resume(run_dir: Path, method, step: TrainStep, fingerprint) -> tuple[list[dict], int]:
     path = run_dir / RESUME_FILE
     if not path.exists():
         return [], 0
@@ -156,5 +164,5 @@ def _resume(run_dir: Path, method, opt, fingerprint) -> tuple[list[dict], int]:
             f"delete it to start this one ({fingerprint}) from scratch"
         )
     method.load_state_dict(state["method"])
-    opt.load_state_dict(state["optimizer"])
+    step.load_optimizer_state_dict(state["optimizer"])   # drops any captured graph
     return list(state["rows"]), int(state["epoch"])

@@ -48,9 +48,12 @@ def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator)
     generator and moved, so CPU and CUDA see the same crops for the same seed.
     """
     b, _, h, w = images.shape
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    draws = torch.cat([offsets, flip[None].long()])
+    if images.device.type == "cuda":  # one pinned, asynchronous copy instead of three synchronous ones
+        draws = draws.pin_memory().to(images.device, non_blocking=True)
+    dy, dx, flip = draws[0], draws[1], draws[2].bool()
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     rows = dy[:, None] + torch.arange(h, device=images.device)                 # [B, H]
     cols = dx[:, None] + torch.arange(w, device=images.device)                 # [B, W]

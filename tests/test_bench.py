@@ -1,0 +1,215 @@
+"""`refilled bench` on the CPU (small configuration), the reference-style stage-1 loop, and
+the batched 224 px augmentation (refilled.augment) that the bench and CUB use."""
+
+import argparse
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from refilled import augment
+from refilled.bench import (COLUMNS, Case, add_bench_parser, cmd_bench, concurrent_rows, main, peak_for_name,
+                            reference_tuple_loss, small_config)
+from refilled.losses import comparison_matching_loss
+
+CPU = torch.device("cpu")
+
+
+def test_bench_small_configuration_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    assert main(["--device", "cpu", "--seconds", "0", "--steps", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ours/ref" in printed and "bf16 peak" in printed and f"wrote {out}" in printed
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == COLUMNS
+    expected = [(c.kind, c.student, str(c.px)) for c in small_config().cases]
+    assert [(r["kind"], r["student"], r["px"]) for r in rows] == expected
+    by_key = {(r["kind"], r["student"], r["px"]): r for r in rows}
+    for r in rows:
+        ours, ref = float(r["ours_img_s"]), float(r["ref_img_s"])
+        assert ours > 0 and ref > 0
+        assert float(r["ratio"]) == pytest.approx(round(ours / ref, 3), abs=1e-9)   # from the same row
+        assert r["peak_share"] == "n/a" and r["jobs"] == "1"
+        assert float(r["gflop_per_img"]) > 0
+        assert float(r["tflops"]) == pytest.approx(float(r["gflop_per_img"]) * ours / 1e3, rel=2e-2, abs=2e-3)
+        if r["kind"] == "teacher":
+            assert r["vs_ce"] == "" and r["teacher_share"] == ""
+        else:
+            ce = by_key[("teacher", r["student"], r["px"])]
+            assert float(r["vs_ce"]) == pytest.approx(ours / float(ce["ours_img_s"]), abs=1e-3)
+            assert 0 < float(r["teacher_share"]) < 5
+
+
+def test_concurrent_jobs_sum_their_images_per_second():
+    cfg = small_config()
+    case = Case("teacher", "wrn-16-1", None, 32, 8, 4)
+    rows = concurrent_rows(cfg, CPU, [1, 2], case, seconds=0.2, log=lambda s: None)
+    assert [r["jobs"] for r in rows] == [1, 2]
+    assert all(r["notes"] == "" and r["ours_img_s"] > 0 for r in rows), rows
+    assert rows[0]["vs_one_job"] == 1.0
+    assert rows[1]["vs_one_job"] == pytest.approx(rows[1]["ours_img_s"] / rows[0]["ours_img_s"], abs=1e-3)
+
+
+def test_add_bench_parser_registers_the_subcommand():
+    parser = argparse.ArgumentParser(prog="refilled")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_bench_parser(sub)
+    args = parser.parse_args(["bench", "--config", "small", "--concurrent", "1", "2", "4", "--out", "x.csv"])
+    assert args.func is cmd_bench and args.concurrent == [1, 2, 4] and args.config == "small"
+
+
+def test_bf16_peaks_of_known_gpus():
+    assert peak_for_name("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert peak_for_name("NVIDIA H100 PCIe") == pytest.approx(756.0)
+    assert peak_for_name("NVIDIA H200") == pytest.approx(989.4)
+    assert peak_for_name("Some GPU") is None
+
+
+@pytest.mark.parametrize("k_hat", [None, 2])
+def test_reference_tuple_loop_computes_the_dense_stage1_loss(k_hat):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(6)
+    s = torch.randn(24, 16, generator=g)
+    t = torch.randn(24, 32, generator=g)
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    dense = comparison_matching_loss(s1, t, labels, 4.0, 0.2, k_hat)
+    loop = reference_tuple_loss(s2, t, labels, 4.0, 0.2, k_hat)
+    assert dense.item() > 0
+    assert loop.item() == pytest.approx(dense.item(), rel=1e-5)
+    dense.backward()
+    loop.backward()
+    assert torch.allclose(s1.grad, s2.grad, rtol=1e-4, atol=1e-7)
+
+
+# ---- refilled.augment -----------------------------------------------------------------
+
+
+def test_random_resized_crop_boxes_follow_torchvision():
+    """Same distribution as RandomResizedCrop.get_params: compare the mean area fraction, the
+    mean log aspect and the mean centre position over 4000 draws on a 375 x 500 image
+    (tolerance 4 standard errors of the difference: a false alarm about 1e-4 per statistic)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    n, H, W = 4000, 375, 500
+    ours = augment.random_resized_crop_boxes(torch.full((n,), H), torch.full((n,), W), torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    img = torch.zeros(3, H, W)
+    theirs = torch.tensor([RandomResizedCrop.get_params(img, augment.SCALE, augment.RATIO) for _ in range(n)],
+                          dtype=torch.float64)
+    assert (ours[:, 0] >= 0).all() and (ours[:, 1] >= 0).all()
+    assert (ours[:, 0] + ours[:, 2] <= H).all() and (ours[:, 1] + ours[:, 3] <= W).all()
+    assert (ours == ours.round()).all()
+
+    def stats(b):
+        return {"area": b[:, 2] * b[:, 3] / (H * W), "log_aspect": torch.log(b[:, 3] / b[:, 2]),
+                "cy": (b[:, 0] + b[:, 2] / 2) / H, "cx": (b[:, 1] + b[:, 3] / 2) / W}
+
+    a, b = stats(ours), stats(theirs)
+    for k in a:
+        se = math.sqrt(a[k].var().item() / n + b[k].var().item() / n)
+        assert abs(a[k].mean().item() - b[k].mean().item()) < 4 * se, k
+
+
+def test_random_resized_crop_falls_back_to_the_centre_crop():
+    # a 10 x 1000 strip: no attempt fits, torchvision's fallback is (0, 493, 10, 13)
+    boxes = augment.random_resized_crop_boxes(torch.tensor([10]), torch.tensor([1000]), torch.Generator().manual_seed(0))
+    assert boxes.tolist() == [[0.0, 493.0, 10.0, 13.0]]
+
+
+def test_crop_resize_cuts_the_box_exactly_and_mirrors():
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (2, 3, 20, 30), dtype=torch.uint8, generator=g)
+    h, w = torch.tensor([20, 20]), torch.tensor([30, 30])
+    whole = augment.crop_resize(img, torch.tensor([[0, 0, 20, 30], [0, 0, 20, 30]]), h, w, 20)
+    # output is out x out: resizing 20 x 30 to 20 x 20 keeps rows; check a same-size crop instead
+    box = torch.tensor([[3.0, 5.0, 12.0, 12.0], [0.0, 10.0, 12.0, 12.0]])
+    out = augment.crop_resize(img, box, h, w, 12, flip=torch.tensor([False, True]))
+    assert torch.allclose(out[0], img[0, :, 3:15, 5:17].float(), atol=1e-3)
+    assert torch.allclose(out[1], img[1, :, 0:12, 10:22].float().flip(-1), atol=1e-3)
+    assert whole.shape == (2, 3, 20, 20)
+
+
+def test_crop_resize_matches_torchvision_bilinear_resized_crop():
+    """With the cache at the original size, a box is cut and resized as torchvision's
+    tensor resized_crop (bilinear, no antialias) does, except on the outermost pixels: there
+    torchvision clamps to the cut-out box, we interpolate with the pixels just outside it."""
+    from torchvision.transforms.v2 import functional as TF
+
+    g = torch.Generator().manual_seed(1)
+    img = torch.randint(0, 256, (1, 3, 40, 50), dtype=torch.uint8, generator=g)
+    box = (7, 4, 17, 23)
+    ref = TF.resized_crop(img.float(), *box, size=[32, 32], antialias=False)
+    out = augment.crop_resize(img, torch.tensor([box], dtype=torch.float64), torch.tensor([40]), torch.tensor([50]), 32)
+    assert (out - ref)[..., 1:-1, 1:-1].abs().max() < 1e-2
+
+
+def test_anisotropic_cache_shows_the_same_region():
+    """An image cached at another size: the crop of a box of the original equals the crop
+    of the same box taken from the original (up to resampling)."""
+    H, W = 48, 64
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    orig = torch.stack([yy * 4, xx * 3, yy + xx])[None]                    # smooth ramps
+    cache = F.interpolate(orig, size=(32, 32), mode="bilinear", align_corners=False)
+    box = torch.tensor([[8.0, 16.0, 32.0, 40.0]])
+    from_cache = augment.crop_resize(cache, box, torch.tensor([H]), torch.tensor([W]), 16)
+    from_orig = augment.crop_resize(orig, box, torch.tensor([H]), torch.tensor([W]), 16)
+    assert (from_cache - from_orig)[..., 2:-2, 2:-2].abs().max() < 1.0   # on a 0..250 ramp
+
+
+def test_cached_image_batches_follow_the_batches_conventions(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i in range(10):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (40 + i, 30), (20 * i, 100, 200)).save(p)
+        paths.append(p)
+    images, heights, widths = augment.load_or_decode(paths, size=24, cache_dir=tmp_path / "cache")
+    assert images.shape == (10, 3, 24, 24) and images.dtype == torch.uint8
+    assert heights.tolist() == [30] * 10 and widths.tolist() == [40 + i for i in range(10)]
+    again = augment.load_or_decode(paths, size=24, cache_dir=tmp_path / "cache")
+    assert torch.equal(again[0], images) and len(list((tmp_path / "cache").iterdir())) == 1
+    labels = torch.arange(10) % 3
+    mk = lambda train: augment.CachedImageBatches(images, heights, widths, labels, (0.5,) * 3, (0.25,) * 3, 4, train,
+                                                  CPU, seed=1, out=16, resize=18)
+    train, test = mk(True), mk(False)
+    assert len(train) == 2 and len(test) == 3
+    first = [x for x, _ in train]
+    train.set_epoch(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, [x for x, _ in train]))   # (seed, epoch) decides
+    train.set_epoch(1)
+    assert not all(torch.equal(a, b) for a, b in zip(first, [x for x, _ in train]))
+    xs, ys = zip(*test)
+    assert [len(y) for y in ys] == [4, 4, 2] and torch.equal(torch.cat(ys), labels)
+    x = torch.cat(xs)
+    assert x.shape == (10, 3, 16, 16)
+    # flat colour images: every pixel is the normalised colour
+    expected = (torch.tensor([[20.0 * i, 100, 200] for i in range(10)]) - 0.5 * 255) / (0.25 * 255)
+    assert torch.allclose(x.mean((2, 3)), expected, atol=0.05)
+
+
+def test_cached_file_batches_for_a_cub_task(tmp_path):
+    """The CUB path the loop can use on CUDA: a task split of a CUB tree, decoded once."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fakedata import make_cub
+
+    from refilled.data import load_dataset
+    from refilled.data.batches import task_split
+
+    make_cub(tmp_path, n_classes=3, n_train_per_class=4, n_test_per_class=1, size=(30, 20))
+    ds = load_dataset("cub200", tmp_path, verify_checksums=False)
+    split = task_split(ds.train, [2, 0])
+    b = augment.cached_file_batches(split, ds, 3, True, CPU, seed=0, size=24, out=16, cache_dir=tmp_path / "c")
+    assert len(b) == 2
+    xs, ys = zip(*b)
+    assert all(x.shape == (3, 3, 16, 16) for x in xs)
+    labels = torch.cat(ys)
+    assert len(labels) == 6 and set(labels.tolist()) <= {0, 1}   # 8 images, batch 3: the last partial batch dropped
+    test = augment.cached_file_batches(task_split(ds.test, [2, 0]), ds, 8, False, CPU, size=24, out=16)
+    (x, y), = list(test)
+    assert x.shape == (2, 3, 16, 16) and y.tolist() == task_split(ds.test, [2, 0]).labels.tolist()

@@ -1,0 +1,298 @@
+"""CUDA checks: the graph-captured step against the eager step, the GPU augmentation.
+
+Skipped without a CUDA device. Runs under pytest, or without it (the GPU image may have
+only PyTorch): ``PYTHONPATH=src python tests/test_cuda.py`` runs every ``test_*`` function
+here and exits non-zero on a failure (scripts/gpu_check.sh does that).
+
+Tolerances (stated per test):
+- fp32 step (autocast off, TF32 off): loss terms relative 1e-5; gradients relative L2
+  error 1e-4 (cuDNN may pick different algorithms for eager and graph, and some backward
+  kernels use atomics);
+- bf16 step (the training default): loss terms relative 1e-2; gradients relative L2 error
+  2e-2; weights after 3 steps relative L2 error 1e-2;
+- augmentation: CUDA and CPU give the same crops for the same seed (exactly for the
+  32 px crop, within 1e-3 of the 0..255 range for the 224 px crop); flips: 4000 draws,
+  |flips - 2000| < 4 binomial standard deviations (126).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import pytest
+except ImportError:   # the standalone runner below needs no pytest
+    pytest = None
+
+CUDA = torch.cuda.is_available()
+if pytest is not None:
+    pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
+
+DEV = torch.device("cuda") if CUDA else None
+B, C = 32, 4
+
+
+def _batches(n=4, seed=0, device=None):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        y = torch.arange(C).repeat_interleave(B // C)[torch.randperm(B, generator=g)]
+        x = torch.randn(B, 3, 32, 32, generator=g) + y.view(-1, 1, 1, 1) * 0.3
+        out.append((x.to(device or DEV), y.to(device or DEV)))
+    return out
+
+
+def _method(name, seed=0):
+    from refilled.methods import CrossEntropy
+    from refilled.methods.distill import AML, RKD, ComparisonMatching, LocalDistillation
+    from refilled.models import build_model
+
+    torch.manual_seed(seed)
+    student = build_model("wrn-16-1", C)
+    teacher = build_model("wrn-16-2", 6).eval()
+    if name == "ce":
+        m = CrossEntropy(student)
+    elif name == "stage1":
+        m = ComparisonMatching(student, teacher, k_hat=None)
+    elif name == "stage1-k5":
+        m = ComparisonMatching(student, teacher, k_hat=5)
+    elif name == "stage2":
+        m = LocalDistillation(student, teacher, F.normalize(torch.randn(C, teacher.embedding_dim), dim=1))
+    elif name == "stage2-batch":
+        m = LocalDistillation(student, teacher, None, "constant")
+    elif name == "rkd":
+        m = RKD(student, teacher)
+    elif name == "aml":
+        m = AML(student, teacher)
+    else:
+        raise KeyError(name)
+    return m.to(DEV).to(memory_format=torch.channels_last)
+
+
+METHODS = ["ce", "stage1", "stage1-k5", "stage2", "stage2-batch", "rkd", "aml"]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+def _compare_one_step(name, amp, loss_tol, grad_tol):
+    from refilled.step import TrainStep
+
+    data = _batches(1)
+    eager_m = _method(name)
+    graph_m = copy.deepcopy(eager_m)
+    eager = TrainStep(eager_m, DEV, graph="off", amp=amp)
+    graph = TrainStep(graph_m, DEV, graph="on", amp=amp)
+    for step, m in ((eager, eager_m), (graph, graph_m)):
+        m.train()
+        step.begin_epoch(0, 0.1)
+        step.step(*data[0])
+    assert graph.mode == "on" and graph.captures == 1, f"{name}: the step was not captured"
+    t_eager, c_eager, _ = eager.end_epoch()
+    t_graph, c_graph, _ = graph.end_epoch()
+    for k in t_eager:
+        assert math.isclose(t_graph[k], t_eager[k], rel_tol=loss_tol, abs_tol=1e-6), \
+            f"{name}: loss term {k}: graph {t_graph[k]} eager {t_eager[k]}"
+    n = 0
+    for (pn, pe), pg in zip(eager_m.named_parameters(), graph_m.parameters()):
+        if pe.grad is None:
+            assert pg.grad is None or pg.grad.abs().max() == 0, f"{name}: {pn} has a grad only under the graph"
+            continue
+        err = _rel(pg.grad, pe.grad)
+        assert err < grad_tol, f"{name}: grad of {pn} differs by {err:.2e} (relative L2)"
+        n += 1
+    assert n > 0
+
+
+def test_graph_step_equals_eager_step_fp32():
+    """One step on the same batch from the same state, autocast off and TF32 off."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for name in METHODS:
+            _compare_one_step(name, amp=False, loss_tol=1e-5, grad_tol=1e-4)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def test_graph_step_equals_eager_step_bf16():
+    for name in METHODS:
+        _compare_one_step(name, amp=True, loss_tol=1e-2, grad_tol=2e-2)
+
+
+def test_graph_training_follows_eager_training_with_lr_changes():
+    """Three steps per epoch, two epochs with different lr: graph and eager weights agree;
+    an lr of 0 leaves the weights where they are (the tensor lr reaches the graph)."""
+    from refilled.step import TrainStep
+
+    data = _batches(3)
+    for name in ("ce", "stage1", "stage2"):
+        eager_m = _method(name)
+        graph_m = copy.deepcopy(eager_m)
+        steps = [TrainStep(eager_m, DEV, graph="off"), TrainStep(graph_m, DEV, graph="on")]
+        for epoch, lr in enumerate((0.1, 0.02)):
+            for s in steps:
+                s.begin_epoch(epoch, lr)
+                for x, y in data:
+                    s.step(x, y)
+        assert steps[1].captures == 1
+        for (k, a), b in zip(eager_m.state_dict().items(), graph_m.state_dict().values()):
+            if a.is_floating_point() and a.norm() > 0:
+                assert _rel(b, a) < 1e-2, f"{name}: {k} differs by {_rel(b, a):.2e}"
+        before = [p.detach().clone() for p in steps[1].params]
+        steps[1].begin_epoch(2, 0.0)
+        steps[1].step(*data[0])
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, p) for a, p in zip(before, steps[1].params)), "lr 0 changed the weights"
+
+
+def test_non_finite_loss_is_flagged_under_capture():
+    from refilled.methods.base import Method
+    from refilled.models import build_model
+    from refilled.step import NonFiniteLoss, TrainStep
+
+    class Exploding(Method):
+        def __init__(self, student):
+            super().__init__(student)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def loss(self, x, y):
+            logits = self.student(x).logits
+            self.calls.add_(1)
+            ce = F.cross_entropy(logits.float(), y)
+            return logits, {"ce": torch.where(self.calls >= 3, torch.full_like(ce, float("nan")), ce)}
+
+    torch.manual_seed(0)
+    m = Exploding(build_model("wrn-16-1", C)).to(DEV)
+    step = TrainStep(m, DEV, graph="on", check_every=1)
+    step.begin_epoch(4, 0.1)
+    data = _batches(5)
+    try:
+        for x, y in data:
+            step.step(x, y)
+    except NonFiniteLoss as exc:
+        assert exc.epoch == 5 and exc.step == 3 and math.isnan(exc.terms["ce"]), exc
+        assert step.mode == "on"
+    else:
+        raise AssertionError("a NaN loss went unnoticed")
+
+
+def test_gpu_crop_flip_equals_cpu_and_stays_in_the_padded_image():
+    """random_crop_flip on CUDA: the same crops as on the CPU for the same seed (the draws
+    come from a CPU generator), every output a window of the padded image, flipped with
+    probability 0.5 (4000 draws, |flips - 2000| < 126 = 4 sd), offsets uniform over
+    0..2*pad (each of the 81 offsets within 4 sd of 4000/81)."""
+    from refilled.data.batches import random_crop_flip
+
+    n, pad, s = 4000, 4, 32
+    base = (torch.arange(s * s, dtype=torch.float32).view(1, 1, s, s) + 1).expand(n, 3, s, s).contiguous()
+    gpu = random_crop_flip(base.to(DEV), pad, torch.Generator().manual_seed(0))
+    cpu = random_crop_flip(base, pad, torch.Generator().manual_seed(0))
+    assert torch.equal(gpu.cpu(), cpu)
+    padded = F.pad(base[:1, :1], (pad,) * 4)[0, 0].to(DEV)
+    windows = torch.stack([padded[dy:dy + s, dx:dx + s] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)])
+    cands = torch.cat([windows, windows.flip(-1)]).flatten(1)                  # [162, s*s]
+    out = gpu[:, 0].flatten(1)
+    match = (out[:, None, :] == cands[None]).all(-1)                           # [n, 162]
+    assert (match.sum(1) == 1).all(), "an output is not exactly one window of the padded image"
+    which = match.float().argmax(1)
+    flips = int((which >= len(windows)).sum())
+    assert abs(flips - n / 2) < 4 * math.sqrt(n / 4), f"{flips} flips of {n}"
+    counts = torch.bincount(which % len(windows), minlength=len(windows)).float()
+    p = 1 / len(windows)
+    assert (counts - n * p).abs().max() < 4 * math.sqrt(n * p * (1 - p)), counts
+    assert torch.equal(gpu[:, 0], gpu[:, 2])
+
+
+def test_gpu_random_resized_crop_equals_cpu_and_flips_half():
+    from refilled.augment import random_resized_crop_boxes, random_resized_crop_flip
+
+    n = 4000
+    g = torch.Generator().manual_seed(3)
+    imgs = torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8, generator=g)
+    h, w = torch.full((64,), 375), torch.full((64,), 500)
+    a = random_resized_crop_flip(imgs.to(DEV), h, w, 56, torch.Generator().manual_seed(0))
+    b = random_resized_crop_flip(imgs, h, w, 56, torch.Generator().manual_seed(0))
+    assert (a.cpu() - b).abs().max() < 0.255, "CUDA and CPU crops differ"
+    # flip draws: the generator's stream after the boxes, as random_resized_crop_flip makes them
+    g = torch.Generator().manual_seed(1)
+    boxes = random_resized_crop_boxes(torch.full((n,), 375), torch.full((n,), 500), g)
+    flips = int((torch.rand(n, generator=g) < 0.5).sum())
+    assert abs(flips - n / 2) < 4 * math.sqrt(n / 4)
+    assert (boxes[:, 0] + boxes[:, 2] <= 375).all() and (boxes[:, 1] + boxes[:, 3] <= 500).all()
+
+
+def test_batches_on_cuda_equal_batches_on_cpu():
+    from refilled.data.batches import Batches, task_split
+    from refilled.data.datasets import ArraySplit, Dataset
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.arange(4).repeat_interleave(10)
+    ds = Dataset("t", list("abcd"), ArraySplit(images, labels), ArraySplit(images, labels), (.5,) * 3, (.25,) * 3)
+    mk = lambda dev: Batches(task_split(ds.train, [0, 1, 2, 3]), ds, 8, True, dev, seed=5)
+    gpu, cpu = mk(DEV), mk(torch.device("cpu"))
+    for b_ in (gpu, cpu):
+        b_.set_epoch(2)
+    for (xg, yg), (xc, yc) in zip(gpu, cpu):
+        assert torch.equal(yg.cpu(), yc) and torch.allclose(xg.cpu(), xc, atol=1e-5)
+
+
+def test_fit_on_cuda_with_graph_matches_eager_fit():
+    """A short real fit (CE, 3 epochs) with and without the graph: the same metrics rows
+    within bf16 noise (loss within 5e-2 relative) and a resumable checkpoint."""
+    from refilled.data.batches import Batches, task_split
+    from refilled.data.datasets import ArraySplit, Dataset
+    from refilled.methods import CrossEntropy
+    from refilled.models import build_model
+    from refilled.train import OptimConfig, fit
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(64)
+    images = (torch.rand(len(labels), 3, 32, 32, generator=g) * 80 + labels.view(-1, 1, 1, 1) * 40).to(torch.uint8)
+    ds = Dataset("t", list("abcd"), ArraySplit(images, labels), ArraySplit(images, labels), (.3,) * 3, (.3,) * 3)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("off", "on"):
+            train = Batches(task_split(ds.train, [0, 1, 2, 3]), ds, 32, True, DEV, seed=1)
+            torch.manual_seed(1)
+            model = build_model("wrn-16-1", 4)
+            cfg = OptimConfig(epochs=3, batch_size=32, lr=0.05)
+            rows[mode] = fit(CrossEntropy(model), train, lambda: {}, cfg, Path(tmp) / mode, DEV, 1, graph=mode)
+            assert (Path(tmp) / mode / "resume.pt").exists()
+    assert math.isclose(rows["on"]["ce"], rows["off"]["ce"], rel_tol=5e-2), rows
+    assert abs(rows["on"]["train_acc"] - rows["off"]["train_acc"]) < 0.1, rows
+
+
+def _run_all() -> int:
+    if not CUDA:
+        print("test_cuda: no CUDA device; nothing to run")
+        return 0
+    print(f"test_cuda: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    failed = 0
+    for name, fn in sorted((k, v) for k, v in globals().items() if k.startswith("test_") and callable(v)):
+        began = time.perf_counter()
+        try:
+            fn()
+        except Exception:
+            failed += 1
+            print(f"FAIL {name} ({time.perf_counter() - began:.1f} s)")
+            traceback.print_exc()
+        else:
+            print(f"ok   {name} ({time.perf_counter() - began:.1f} s)")
+    print(f"test_cuda: {failed} failed" if failed else "test_cuda: all passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_run_all())

@@ -1,0 +1,302 @@
+"""TrainStep on the CPU: the eager step, and the capture procedure in "emulate" mode (static
+buffers, warm-up, snapshot/restore, replay) that CUDA runs with a real graph."""
+
+import copy
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from refilled.data.batches import Batches, task_split
+from refilled.methods import CrossEntropy
+from refilled.methods.base import Method
+from refilled.methods.distill import AML, RKD, ComparisonMatching, LocalDistillation
+from refilled.models import build_model
+from refilled.step import NonFiniteLoss, TrainStep
+from refilled.train import OptimConfig, fit
+
+CPU = torch.device("cpu")
+B, C = 8, 4
+
+
+def batches(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        y = torch.arange(C).repeat_interleave(B // C)[torch.randperm(B, generator=g)]
+        x = torch.randn(B, 3, 16, 16, generator=g) + y.view(-1, 1, 1, 1) * 0.3
+        out.append((x, y))
+    return out
+
+
+def make_method(name, seed=0):
+    torch.manual_seed(seed)
+    student = build_model("wrn-10-1", C)
+    teacher = build_model("wrn-10-2", 6).eval()
+    if name == "ce":
+        return CrossEntropy(student)
+    if name == "stage1":
+        return ComparisonMatching(student, teacher, k_hat=None)
+    if name == "stage1-k2":
+        return ComparisonMatching(student, teacher, k_hat=2)
+    if name == "stage2":
+        centers = F.normalize(torch.randn(C, teacher.embedding_dim), dim=1)
+        return LocalDistillation(student, teacher, centers, "adaptive", 2.0, 2.0)
+    if name == "stage2-batch":
+        return LocalDistillation(student, teacher, None, "constant", 2.0, 2.0)
+    if name == "rkd":
+        return RKD(student, teacher)
+    if name == "aml":
+        return AML(student, teacher)
+    raise KeyError(name)
+
+
+METHODS = ["ce", "stage1", "stage1-k2", "stage2", "stage2-batch", "rkd", "aml"]
+
+
+def run(method, mode, data, lrs=(0.1, 0.02), **kw):
+    step = TrainStep(method, CPU, lr=lrs[0], graph=mode, **kw)
+    method.train()
+    stats = []
+    for epoch, lr in enumerate(lrs):
+        step.begin_epoch(epoch, lr)
+        for x, y in data:
+            step.step(x, y)
+        stats.append(step.end_epoch())
+    return step, stats
+
+
+def state(method, step):
+    out = {k: v.clone() for k, v in method.state_dict().items()}
+    for i, p in enumerate(step.params):
+        buf = step.optimizer.state[p].get("momentum_buffer")   # None: no grad (stage 1's head)
+        out[f"momentum.{i}"] = None if buf is None else buf.clone()
+    return out
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_emulated_capture_gives_the_eager_result_exactly(name):
+    """Warm-up steps on the first batch, snapshot/restore, then replays on static buffers:
+    the same weights, BN statistics, momentum buffers and epoch statistics as eager."""
+    data = batches()
+    m_eager, m_graph = make_method(name), make_method(name)
+    s_eager, stats_eager = run(m_eager, "off", data)
+    s_graph, stats_graph = run(m_graph, "emulate", data)
+    assert s_graph.captures == 1 and s_graph.eager_fallbacks == 0
+    a, b = state(m_eager, s_eager), state(m_graph, s_graph)
+    for k in a:
+        assert (a[k] is None and b[k] is None) or torch.equal(a[k], b[k]), f"{name}: {k} differs"
+    assert stats_eager == stats_graph
+    terms, correct, seen = stats_eager[-1]
+    assert seen == len(data) * B and 0 <= correct <= seen
+    assert set(terms) == set(m_eager.loss(*data[0])[1])
+
+
+def reference_loop(method, data, lrs, momentum=0.9, wd=5e-4):
+    """The loop as it was before TrainStep: float lr per epoch, non-fused SGD, host sums."""
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lrs[0], momentum=momentum, weight_decay=wd, nesterov=True)
+    method.train()
+    out = []
+    for lr in lrs:
+        for g in opt.param_groups:
+            g["lr"] = lr
+        sums, correct, seen = {}, 0, 0
+        for x, y in data:
+            logits, losses = method.loss(x, y)
+            total = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        out.append(({k: float(v) / seen for k, v in sums.items()}, correct, seen))
+    return out
+
+
+@pytest.mark.parametrize("name", ["ce", "stage1", "stage2"])
+def test_eager_step_matches_the_plain_loop(name):
+    """Fused SGD with a tensor lr, on-device sums: the same training as the plain loop
+    (float lr, unfused SGD) up to float rounding (tolerance 1e-5 relative, 1e-6 absolute)."""
+    data = batches()
+    m_ref, m_step = make_method(name), make_method(name)
+    ref = reference_loop(m_ref, data, (0.1, 0.02))
+    _, stats = run(m_step, "off", data)
+    for (t_ref, c_ref, n_ref), (t, c, n) in zip(ref, stats):
+        assert n == n_ref and c == c_ref
+        assert t == pytest.approx(t_ref, rel=1e-5, abs=1e-6)
+    for (k, a), b in zip(m_ref.state_dict().items(), m_step.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), k
+
+
+def test_learning_rate_changes_reach_the_replayed_step():
+    """lr is a tensor updated in place: set to 0, a replay leaves the weights unchanged."""
+    data = batches(3)
+    method = make_method("ce")
+    step = TrainStep(method, CPU, lr=0.1, graph="emulate")
+    step.begin_epoch(0, 0.1)
+    step.step(*data[0])
+    before = [p.detach().clone() for p in step.params]
+    step.begin_epoch(1, 0.0)
+    step.step(*data[1])
+    assert all(torch.equal(a, p) for a, p in zip(before, step.params))
+    step.begin_epoch(2, 0.05)
+    step.step(*data[2])
+    assert not all(torch.equal(a, p) for a, p in zip(before, step.params))
+    assert step.captures == 1
+    assert step.optimizer.param_groups[0]["lr"] is step.lr
+
+
+class Exploding(Method):
+    """CE whose loss becomes NaN from the `at`-th call (1-based) on."""
+
+    name = "exploding"
+
+    def __init__(self, student, at):
+        super().__init__(student)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.at = at
+
+    def loss(self, x, y):
+        logits = self.student(x).logits
+        self.calls.add_(1)
+        scale = torch.where(self.calls >= self.at, torch.tensor(float("nan")), torch.tensor(1.0))
+        return logits, {"ce": F.cross_entropy(logits.float(), y) * scale, "zero": logits.float().sum() * 0}
+
+
+@pytest.mark.parametrize("mode", ["off", "emulate"])
+def test_non_finite_loss_names_epoch_step_and_terms(mode):
+    data = batches(6)
+    torch.manual_seed(0)
+    method = Exploding(build_model("wrn-10-1", C), at=4)
+    step = TrainStep(method, CPU, graph=mode, check_every=1, warmup_steps=0)
+    step.begin_epoch(2, 0.1)
+    with pytest.raises(NonFiniteLoss, match=r"epoch 3, step 4: ce=nan") as info:
+        for x, y in data:
+            step.step(x, y)
+    assert step.steps == 4 and info.value.epoch == 3 and info.value.step == 4
+    assert info.value.terms["zero"] == 0.0
+
+
+def test_non_finite_loss_is_caught_at_the_end_of_the_epoch_without_periodic_checks():
+    data = batches(6)
+    torch.manual_seed(0)
+    method = Exploding(build_model("wrn-10-1", C), at=2)
+    step = TrainStep(method, CPU, graph="off", check_every=0)
+    step.begin_epoch(0, 0.1)
+    for x, y in data:
+        step.step(x, y)
+    with pytest.raises(NonFiniteLoss, match="epoch 1, step 2"):
+        step.end_epoch()
+
+
+def test_non_finite_loss_in_fit_keeps_the_last_checkpoint(tmp_path):
+    ds = _dataset()
+    train = Batches(task_split(ds.train, [0, 1, 2, 3]), ds, 8, True, CPU, 0)
+    torch.manual_seed(0)
+    method = Exploding(build_model("wrn-10-1", C), at=len(train) + 3)   # second epoch, third step
+    cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
+    with pytest.raises(NonFiniteLoss, match=r"epoch 2, step 3: ce=nan.*epoch 1\) is kept"):
+        fit(method, train, lambda: {}, cfg, tmp_path, CPU, 0, graph="emulate", check_every=1)
+    assert len(list(csv.DictReader(open(tmp_path / "metrics.csv")))) == 1
+
+
+def test_optimizer_state_round_trip_and_recapture():
+    data = batches(4)
+    m1 = make_method("stage2")
+    m2 = copy.deepcopy(m1)
+    s1 = TrainStep(m1, CPU, graph="emulate")
+    s1.begin_epoch(0, 0.1)
+    for x, y in data[:2]:
+        s1.step(x, y)
+    saved = s1.optimizer_state_dict()
+    assert all(isinstance(g["lr"], float) for g in saved["param_groups"])
+    # a second process: load the weights and the optimiser, then continue
+    s2 = TrainStep(m2, CPU, graph="emulate")
+    m2.load_state_dict(m1.state_dict())
+    s2.load_optimizer_state_dict(copy.deepcopy(saved))
+    assert s2.optimizer.param_groups[0]["lr"] is s2.lr
+    for s in (s1, s2):
+        s.begin_epoch(1, 0.02)
+    s1.invalidate()   # the uninterrupted run recaptures too, so both warm up from the same state
+    for x, y in data[2:]:
+        s1.step(x, y)
+        s2.step(x, y)
+    assert s2.captures == 1 and s1.captures == 2
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_other_batch_shape_runs_eagerly_and_the_graph_stays_valid():
+    data = batches(3)
+    small = (data[2][0][:6], data[2][1][:6])
+    m_eager, m_graph = make_method("ce"), make_method("ce")
+    for method, mode in ((m_eager, "off"), (m_graph, "emulate")):
+        step = TrainStep(method, CPU, graph=mode)
+        step.begin_epoch(0, 0.1)
+        for x, y in (data[0], small, data[1]):
+            step.step(x, y)
+        terms, correct, seen = step.end_epoch()
+        assert seen == 2 * B + 6
+    for (k, a), b in zip(m_eager.state_dict().items(), m_graph.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+
+
+def test_graph_on_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA"):
+        TrainStep(make_method("ce"), CPU, graph="on")
+
+
+def test_graph_mode_from_environment(monkeypatch):
+    monkeypatch.setenv("REFILLED_CUDA_GRAPH", "0")
+    assert TrainStep(make_method("ce"), CPU).mode == "off"
+    monkeypatch.setenv("REFILLED_CUDA_GRAPH", "1")
+    assert TrainStep(make_method("ce"), CPU).mode == "off"   # no CUDA here: auto stays eager
+
+
+def _dataset():
+    from test_train import tiny_dataset
+
+    return tiny_dataset()
+
+
+def test_fit_with_emulated_capture_equals_eager_fit(tmp_path):
+    ds = _dataset()
+    results = {}
+    for mode in ("off", "emulate"):
+        train = Batches(task_split(ds.train, [0, 1, 2, 3]), ds, 8, True, CPU, 3)
+        torch.manual_seed(3)
+        model = build_model("wrn-10-1", 4)
+        cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
+        fit(CrossEntropy(model), train, lambda: {}, cfg, tmp_path / mode, CPU, 3, graph=mode)
+        results[mode] = (model.state_dict(), list(csv.DictReader(open(tmp_path / mode / "metrics.csv"))))
+    (a, rows_a), (b, rows_b) = results["off"], results["emulate"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(rows_a) == strip(rows_b)
+
+
+def test_loaded_momentum_buffers_take_the_layout_of_their_params():
+    """A resume checkpoint written from contiguous buffers, loaded into a channels-last model:
+    the buffers are re-laid out as their params (the fused CUDA kernel requires it)."""
+    m1 = make_method("ce")
+    s1 = TrainStep(m1, CPU, graph="off")
+    s1.begin_epoch(0, 0.1)
+    s1.step(*batches(1)[0])
+    saved = s1.optimizer_state_dict()
+    m2 = make_method("ce").to(memory_format=torch.channels_last)
+    s2 = TrainStep(m2, CPU, graph="off", channels_last=True)
+    s2.load_optimizer_state_dict(saved)
+    conv = [p for p in s2.params if p.dim() == 4]
+    assert any(not p.is_contiguous() for p in conv)
+    for p in s2.params:
+        buf = s2.optimizer.state[p]["momentum_buffer"]
+        assert buf.stride() == p.stride()
+    for p1, p2 in zip(s1.params, s2.params):
+        assert torch.equal(s1.optimizer.state[p1]["momentum_buffer"], s2.optimizer.state[p2]["momentum_buffer"])
+    s2.begin_epoch(1, 0.1)
+    s2.step(*batches(1)[0])
