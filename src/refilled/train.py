@@ -123,14 +123,14 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
         try:
             terms, correct, seen = _train_epoch(method, train_batches, step, f"epoch {epoch + 1}/{cfg.epochs}")
         except NonFiniteLoss as exc:
-            raise NonFiniteLoss(f"{exc}; the last good checkpoint ({run_dir / RESUME_FILE}, epoch {epoch}) is kept",
+            raise NonFiniteLoss(f"{exc}; {_kept(run_dir, epoch)}",
                                 exc.epoch, exc.step, exc.terms) from None
         for name, value in terms.items():   # end_epoch checked the flag; this catches overflow of the sums
             if not math.isfinite(value):
                 raise NonFiniteLoss(
                     f"non-finite loss at epoch {epoch + 1}: "
                     + ", ".join(f"{k}={v}" for k, v in terms.items())
-                    + f"; the last good checkpoint ({run_dir / RESUME_FILE}, epoch {epoch}) is kept",
+                    + f"; {_kept(run_dir, epoch)}",
                     epoch + 1, None, terms)
         seconds = time.perf_counter() - began
         due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
@@ -142,6 +142,12 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
         save_tensors(run_dir / RESUME_FILE, {"fingerprint": fingerprint, "epoch": epoch + 1, "rows": rows,
                                              "method": method.state_dict(), "optimizer": step.optimizer_state_dict()})
     return rows[-1]
+
+
+def _kept(run_dir: Path, finished_epochs: int) -> str:
+    if finished_epochs == 0:
+        return "no epoch had finished, so there is no checkpoint to resume from"
+    return f"the last good checkpoint ({run_dir / RESUME_FILE}, epoch {finished_epochs}) is kept"
 
 
 def _train_epoch(method, batches, step: TrainStep, desc):
