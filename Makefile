@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 data: setup
 	scripts/get_fashion_mnist.sh data/raw
 
+# The whole workflow on the default profile (config/demo.yaml): every table and figure.
 demo: data
-	scripts/demo.sh
+	$(BIN)/snakemake --cores 2
 
 test: data
 	$(BIN)/python -m pytest -q

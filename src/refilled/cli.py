@@ -195,8 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     fig.add_argument("--out", required=True, type=Path, help="output path without suffix; writes OUT.png and OUT.pdf")
     fig.set_defaults(func=cmd_figure)
     from refilled.bench import add_bench_parser
+    from refilled.doctor import add_doctor_parser
 
     add_bench_parser(sub)
+    add_doctor_parser(sub)
     return parser
 
 
@@ -490,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         DataError = RuntimeError
     try:
         return args.func(args)
-    except (DataError, SplitError, CheckpointError, ValueError) as exc:
+    except (DataError, SplitError, CheckpointError, ValueError, FloatingPointError, OSError) as exc:
         print(f"refilled {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

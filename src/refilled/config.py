@@ -1,0 +1,163 @@
+"""Workflow configuration: load a profile from config/, validate it, describe its grid.
+
+Pure Python (no torch): the Snakefile imports this module in the scheduler process.
+`params.yaml` holds `profile: <name>`; `config/<name>.yaml` holds every number of that
+profile. A profile is checked in two steps, and either stops the run with a message that
+names the file and the key:
+
+1. the JSON schema `workflow/schemas/config.schema.yaml` (unknown keys, types, ranges);
+2. `check_semantics`: what a schema cannot say (a ratio must give a whole number of
+   shared classes, a figure must use a ratio and architecture that exist, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+NUM_CLASSES = {"fashion-mnist": 10, "cifar100": 100, "cub200": 200}
+METHODS = ("student", "rkd", "aml", "refilled-emb", "refilled-minus", "refilled")
+VARIANTS = ("refilled-emb", "refilled-minus", "refilled")
+BASELINES = ("student", "rkd", "aml")
+EXPERIMENTS = ("table1", "table2")
+_ARCH = re.compile(r"(wrn-(\d+)-(\d+))|(mobilenet-(\d+(?:\.\d+)?))")
+
+
+class ConfigError(ValueError):
+    """A profile that must not run; the message names the file and the key."""
+
+
+def fmt(x: Any) -> str:
+    """A number as it appears in paths and on the command line: 0.5 -> '0.5', 1.0 -> '1', inf -> 'inf'."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return f"{float(x):g}" if isinstance(x, float) else str(x)
+
+
+def shared_classes(ratio: float, h: int) -> int | None:
+    """r * h if it is a whole number in [0, h] (the split rule's condition), else None."""
+    shared = Fraction(ratio).limit_denominator(10_000) * h
+    return int(shared) if shared.denominator == 1 and 0 <= shared <= h else None
+
+
+def arch_ok(name: str) -> bool:
+    m = _ARCH.fullmatch(name)
+    if not m:
+        return False
+    if m.group(1):
+        depth, width = int(m.group(2)), int(m.group(3))
+        return depth >= 10 and (depth - 4) % 6 == 0 and width >= 1
+    return float(m.group(5)) > 0
+
+
+def load_yaml(path: Path) -> Any:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _where(path) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def validate_schema(cfg: dict, schema: dict, source: str) -> None:
+    """Raise ConfigError naming the key of the first (most relevant) schema violation."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (list(e.absolute_path), e.message))
+    if not errors:
+        return
+    lines = []
+    for err in errors[:5]:
+        key = _where(err.absolute_path)
+        if err.validator == "additionalProperties":
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            allowed = ", ".join(sorted(err.schema.get("properties", {})))
+            where = "" if not err.absolute_path else f" in {key}"
+            lines.append(f"unknown key(s) {', '.join(map(repr, extra))}{where}; allowed: {allowed}")
+        else:
+            lines.append(f"{key}: {err.message}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    raise ConfigError(f"{source}: invalid configuration: " + "; ".join(lines) + more)
+
+
+def check_semantics(cfg: dict, source: str) -> None:
+    """The checks a JSON schema cannot express. Raises ConfigError listing every problem."""
+    problems = []
+    exps = cfg["experiments"]
+    for name, exp in exps.items():
+        n, h = NUM_CLASSES[exp["dataset"]], exp["classes_per_task"]
+        if h > n // 2:
+            problems.append(f"experiments.{name}.classes_per_task: {h} > {n // 2} (half of {exp['dataset']}'s {n} classes)")
+            continue
+        for i, r in enumerate(exp["ratios"]):
+            if shared_classes(r, h) is None:
+                valid = ", ".join(fmt(k / h) for k in range(h + 1)) if h <= 10 else f"multiples of 1/{h}"
+                problems.append(f"experiments.{name}.ratios[{i}]: {fmt(r)} does not give a whole number of shared "
+                                f"classes with classes_per_task {h}; valid ratios: {valid}")
+        if len(set(exp["ratios"])) != len(exp["ratios"]):
+            problems.append(f"experiments.{name}.ratios: duplicate ratios {exp['ratios']}")
+        if len(set(exp["students"])) != len(exp["students"]):
+            problems.append(f"experiments.{name}.students: duplicate architectures {exp['students']}")
+        for i, a in enumerate([exp["teacher"]["arch"], *exp["students"]]):
+            if not arch_ok(a):
+                key = "teacher.arch" if i == 0 else f"students[{i - 1}]"
+                problems.append(f"experiments.{name}.{key}: unknown architecture {a!r} "
+                                "(wrn-<depth>-<width> with depth = 6n+4 >= 10, or mobilenet-<width>)")
+
+    def need(key: str, exp_name: str, ratios=(), arch=None):
+        exp = exps[exp_name]
+        for r in ratios:
+            if shared_classes(r, exp["classes_per_task"]) is None:
+                problems.append(f"{key}: ratio {fmt(r)} is not valid for experiment {exp_name} "
+                                f"(classes_per_task {exp['classes_per_task']})")
+        if arch is not None and not arch_ok(arch):
+            problems.append(f"{key}: unknown architecture {arch!r}")
+
+    for key in ("test_per_class", "train_per_class"):
+        others = sorted({e["dataset"] for e in exps.values()} - {"fashion-mnist"})
+        if cfg[key] is not None and others:
+            problems.append(f"{key}: subsampling by the data rule is implemented for fashion-mnist only; "
+                            f"set it to null for {', '.join(others)}")
+
+    t4 = cfg["table4"]
+    need("table4", t4["experiment"], t4["ratios"], t4["arch"])
+    f1, f2, f3 = cfg["figure1"], cfg["figure2"], cfg["figure3"]
+    need("figure1", f1["experiment"], [f1["ratio"]], f1["arch"])
+    if f1["seed"] not in cfg["seeds"]:
+        problems.append(f"figure1.seed: {f1['seed']} is not one of seeds {cfg['seeds']}")
+    need("figure2", f2["experiment"], [f2["ratio"]])
+    need("figure3", f3["experiment"], f3["ratios"], f3["arch"])
+    if len(set(cfg["seeds"])) != len(cfg["seeds"]):
+        problems.append(f"seeds: duplicates in {cfg['seeds']}")
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration: " + "; ".join(problems))
+
+
+def load_profile(basedir: str | Path, name: str) -> dict:
+    """config/<name>.yaml, validated; raises ConfigError."""
+    basedir = Path(basedir)
+    path = basedir / "config" / f"{name}.yaml"
+    known = sorted(p.stem for p in (basedir / "config").glob("*.yaml"))
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)) or not path.is_file():
+        raise ConfigError(f"profile: unknown profile {name!r}; known profiles: {', '.join(known)} (files in config/)")
+    cfg = load_yaml(path)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: must be a mapping of keys to values")
+    validate_schema(cfg, load_yaml(basedir / "workflow" / "schemas" / "config.schema.yaml"), str(path))
+    check_semantics(cfg, str(path))
+    return cfg
+
+
+def k_hat_value(x: Any) -> str:
+    return "inf" if x in ("inf", None) or (isinstance(x, float) and math.isinf(x)) else str(int(x))

@@ -1,0 +1,176 @@
+"""Paper tables from run summaries (backs `refilled table` and `refilled lambda-auc`).
+
+Every number comes from a `summary.json` written by a run; nothing is typed in. Tables 1
+and 2 have the supplement's shape: one block per overlap ratio, the six methods as rows,
+the student architectures as columns, cells "mean ± std" of the final-epoch test accuracy
+in percent over seeds (sample std, n - 1; "n/a" with one seed). Table 4: overlap ratios
+as rows, K-hat as columns, NCM accuracy after stage 1. Each table is written three ways:
+the wide CSV, a long CSV (one row per run, with the path of its summary) and Markdown.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from pathlib import Path
+from typing import Iterable
+
+from refilled.config import METHODS, fmt
+from refilled.io import atomic_write_text, read_json, write_csv
+
+# Row labels as in the supplement (ASCII for the superscripts, so the CSV reads everywhere).
+METHOD_LABELS = {"student": "Student", "rkd": "RKD", "aml": "AML", "refilled-emb": "REFILLED^EMB",
+                 "refilled-minus": "REFILLED^-", "refilled": "REFILLED"}
+KHAT_LABELS = {"1": "1 (triplet)", "5": "5", "inf": "inf (tuple)"}
+
+
+class TableError(ValueError):
+    pass
+
+
+def _ratio_key(r: float) -> str:
+    return fmt(round(float(r), 6))
+
+
+def cell(values: list[float]) -> str:
+    """'mean ± std' with two decimals; sample std over seeds, 'n/a' for a single seed."""
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f} ± n/a"
+
+
+def parse_cell(text: str) -> tuple[float, float | None]:
+    mean, _, std = text.partition(" ± ")
+    return float(mean), (None if std.strip() in ("n/a", "") else float(std))
+
+
+def _k_hat_key(k) -> str:
+    return "inf" if k is None or (isinstance(k, float) and math.isinf(k)) or k == "inf" else str(int(k))
+
+
+def _record(path: Path, table: str) -> dict:
+    try:
+        s = read_json(path)
+    except FileNotFoundError:
+        raise TableError(f"{path}: no such summary (did the run finish?)") from None
+    ratio = _ratio_key(s["split"]["ratio"])
+    if table == "4":
+        if s.get("kind") != "stage1":
+            raise TableError(f"{path}: Table 4 needs stage-1 runs, this is a {s.get('kind')} run")
+        return {"ratio": ratio, "column": _k_hat_key(s["params"].get("k_hat")), "row": ratio, "arch": s["arch"],
+                "seed": s["seed"], "value": 100.0 * s["ncm_acc"], "summary": str(path)}
+    if s.get("kind") not in ("stage2", "baseline") or s.get("method") not in METHODS:
+        raise TableError(f"{path}: Tables 1/2 need stage-2 or baseline runs of {', '.join(METHODS)}; "
+                         f"this is {s.get('kind')} {s.get('method')}")
+    return {"ratio": ratio, "column": s["arch"], "row": s["method"], "arch": s["arch"], "seed": s["seed"],
+            "value": 100.0 * s["test_acc"], "summary": str(path), "lam": s.get("params", {}).get("lam")}
+
+
+def collect(table: str, summaries: Iterable[Path], ratios: list[float], columns: list[str],
+            methods: list[str] | None = None, lam: float | None = None) -> tuple[list[dict], dict]:
+    """Records (one per run) and {(ratio, row, column): [values]}; raises TableError on any gap."""
+    ratios_k = [_ratio_key(r) for r in ratios]
+    columns = [_k_hat_key(c) if table == "4" else c for c in columns]
+    rows = ratios_k if table == "4" else list(methods or METHODS)
+    records, cells, seen = [], {}, set()
+    for path in summaries:
+        rec = _record(Path(path), table)
+        if table != "4" and lam is not None and rec["row"] in ("refilled", "refilled-minus") \
+                and not math.isclose(rec["lam"], lam):
+            raise TableError(f"{path}: lambda {rec['lam']} but the table's REFILLED rows use lambda {lam}")
+        key = (rec["ratio"], rec["row"], rec["column"])
+        if rec["ratio"] not in ratios_k or rec["row"] not in rows or rec["column"] not in columns:
+            raise TableError(f"{path}: run (ratio {rec['ratio']}, {rec['row']}, {rec['column']}) is not in the "
+                             f"table's grid (ratios {ratios_k}, rows {rows}, columns {columns})")
+        if (key, rec["seed"]) in seen:
+            raise TableError(f"{path}: a second run for {key} seed {rec['seed']}")
+        seen.add((key, rec["seed"]))
+        cells.setdefault(key, []).append(rec["value"])
+        records.append(rec)
+    keys = [(r, r, c) for r in ratios_k for c in columns] if table == "4" else \
+        [(r, m, c) for r in ratios_k for m in rows for c in columns]
+    missing = [k for k in keys if k not in cells]
+    if missing:
+        raise TableError(f"table {table}: no runs for {len(missing)} cell(s), e.g. {missing[:3]}")
+    seeds = {}
+    for rec in records:
+        seeds.setdefault((rec["ratio"], rec["row"], rec["column"]), set()).add(rec["seed"])
+    every = set().union(*seeds.values())
+    uneven = [(k, sorted(every - v)) for k, v in seeds.items() if v != every]
+    if uneven:
+        raise TableError(f"table {table}: every cell needs the same seeds {sorted(every)}; "
+                         f"{len(uneven)} cell(s) lack some, e.g. {uneven[:3]}")
+    return records, cells
+
+
+def write_table(table: str, summaries: list[Path], ratios: list[float], columns: list[str],
+                methods: list[str] | None, lam: float | None, out: Path, long_out: Path, md_out: Path) -> Path:
+    table = str(table)
+    records, cells = collect(table, summaries, ratios, columns, methods, lam)
+    ratios_k = [_ratio_key(r) for r in ratios]
+    md = []
+    if table == "4":
+        cols = [_k_hat_key(c) for c in columns]
+        arch = sorted({r["arch"] for r in records})
+        header = ["ratio"] + [f"k_hat={c}" for c in cols]
+        wide = [{"ratio": r, **{f"k_hat={c}": cell(cells[(r, r, c)]) for c in cols}} for r in ratios_k]
+        md.append(f"**Table 4.** NCM accuracy (%) of the student's embedding after stage 1, mean ± std over seeds; "
+                  f"student {', '.join(arch)}.\n")
+        md.append("| K̂ | " + " | ".join(KHAT_LABELS.get(c, c) for c in cols) + " |")
+        md.append("|---" * (len(cols) + 1) + "|")
+        for r in ratios_k:
+            md.append(f"| overlap ratio = {float(r) * 100:g}% | " + " | ".join(cell(cells[(r, r, c)]) for c in cols) + " |")
+        long_fields = ["ratio", "k_hat", "arch", "seed", "ncm_acc", "summary"]
+        long_rows = [{"ratio": r["ratio"], "k_hat": r["column"], "arch": r["arch"], "seed": r["seed"],
+                      "ncm_acc": r["value"], "summary": r["summary"]} for r in records]
+    else:
+        rows = list(methods or METHODS)
+        header = ["ratio", "method"] + list(columns)
+        wide = [{"ratio": r, "method": METHOD_LABELS[m], **{c: cell(cells[(r, m, c)]) for c in columns}}
+                for r in ratios_k for m in rows]
+        what = "test accuracy (%) at the final epoch, mean ± std over seeds"
+        md.append(f"**Table {table}.** {what}.\n")
+        for r in ratios_k:
+            md.append(f"\n**Overlap ratio = {float(r) * 100:g}%**\n")
+            md.append("| method | " + " | ".join(columns) + " |")
+            md.append("|---" * (len(columns) + 1) + "|")
+            for m in rows:
+                md.append(f"| {METHOD_LABELS[m]} | " + " | ".join(cell(cells[(r, m, c)]) for c in columns) + " |")
+        long_fields = ["ratio", "method", "arch", "seed", "test_acc", "summary"]
+        long_rows = [{"ratio": r["ratio"], "method": r["row"], "arch": r["arch"], "seed": r["seed"],
+                      "test_acc": r["value"], "summary": r["summary"]} for r in records]
+        long_rows.sort(key=lambda x: (ratios_k.index(x["ratio"]), rows.index(x["method"]),
+                                      list(columns).index(x["arch"]), x["seed"]))
+    write_csv(out, wide, header)
+    write_csv(long_out, long_rows, long_fields)
+    atomic_write_text(md_out, "\n".join(md) + "\n")
+    return out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_lambda_auc(runs: list[Path], out: Path) -> list[dict]:
+    """One row per stage-2 run: AUC of lambda_i for seen (teacher's classes) vs unseen instances."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = []
+    for run in runs:
+        run = Path(run)
+        s = read_json(run / "summary.json")
+        lam_rows = read_csv(run / "lambda_i.csv")
+        seen = [int(r["seen"]) for r in lam_rows]
+        lam_i = [float(r["lambda_i"]) for r in lam_rows]
+        n_seen, n_unseen = sum(seen), len(seen) - sum(seen)
+        auc = roc_auc_score(seen, lam_i) if n_seen and n_unseen else None
+        mean = lambda xs: round(statistics.fmean(xs), 6) if xs else ""
+        rows.append({"run": str(run), "ratio": _ratio_key(s["split"]["ratio"]), "arch": s["arch"], "seed": s["seed"],
+                     "method": s["method"], "lam": s["params"]["lam"], "n_seen": n_seen, "n_unseen": n_unseen,
+                     "mean_lambda_seen": mean([l for l, z in zip(lam_i, seen) if z]),
+                     "mean_lambda_unseen": mean([l for l, z in zip(lam_i, seen) if not z]),
+                     "auc": "" if auc is None else round(float(auc), 6)})
+    write_csv(out, rows, list(rows[0]))
+    return rows

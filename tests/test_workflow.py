@@ -1,0 +1,591 @@
+"""Tests of the Snakemake workflow and its DVC wrapper (Snakefile, workflow/, config/, dvc.yaml).
+
+- The dry run of results/table2.csv (and of `all`) on the `paper` profile has exactly the
+  jobs its grid implies, counted here from config/paper.yaml by an enumeration of our own.
+- A wrong key, type or value in a profile stops the run with a message naming it.
+- `refilled pin` gives concurrent jobs different GPU slots and waits when all are taken.
+- Every output dvc.yaml declares is made by the Snakemake DAG, and everything the DAG
+  makes is under a DVC output.
+- End to end on the `smoke` profile, in a temporary clone of the working tree: every
+  table and figure exists with the rows and columns its config implies, every table cell
+  is the mean of the summary.json values it traces to, the report is one page with all of
+  them; `dvc repro` reaches the same outputs; a push/pull round trip through the default
+  local remote loses nothing (checksums equal); after `snakemake --touch` a dry run has
+  nothing to do.
+
+The end-to-end fixture takes a few minutes on 2 CPU cores (marked slow; CI runs it).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+METHODS = ["student", "rkd", "aml", "refilled-emb", "refilled-minus", "refilled"]
+LABELS = {"student": "Student", "rkd": "RKD", "aml": "AML", "refilled-emb": "REFILLED^EMB",
+          "refilled-minus": "REFILLED^-", "refilled": "REFILLED"}
+TABLE_FILES = [f"results/table{t}{s}" for t in (1, 2, 4) for s in (".csv", "_long.csv", ".md")]
+FIGURE_FILES = [f"figures/{n}.{e}" for n in ("figure1_convergence", "figure2_lambda_sweep", "figure3_lambda_hist")
+                for e in ("png", "pdf")]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run(cmd: list, cwd: Path, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def snakemake(args: list, snakefile: Path = ROOT / "Snakefile", workdir: Path | None = None, **kw):
+    """`args` starts with the target(s), then options (--config takes every word after it)."""
+    n = next((i for i, a in enumerate(args) if str(a).startswith("-")), len(args))
+    extra = ["-s", snakefile] + (["-d", workdir] if workdir else [])
+    return run([BIN / "snakemake", *args[:n], *extra, *args[n:]], cwd=workdir or ROOT, **kw)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: {rule: count}."""
+    counts, inside = {}, False
+    for line in output.splitlines():
+        if line.startswith("Job stats:"):
+            inside, counts = True, {}
+            continue
+        if inside:
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                counts[parts[0]] = int(parts[1])
+            elif counts and not line.strip():
+                inside = False
+    counts.pop("total", None)
+    return counts
+
+
+def profile(name: str) -> dict:
+    return yaml.safe_load((ROOT / "config" / f"{name}.yaml").read_text())
+
+
+def g(x) -> str:
+    """A number as the workflow writes it in paths: 0.5 -> '0.5', 1.0 -> '1'."""
+    return f"{float(x):g}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The grid, enumerated independently of the Snakefile's helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def expected_runs(cfg: dict, targets: set[str]) -> dict[str, set]:
+    """Distinct runs per rule that the targets ("table1", "table2", "table4", "figures") need."""
+    seeds, lam, khat = cfg["seeds"], float(cfg["lam"]), str(cfg["k_hat"])
+    ex = cfg["experiments"]
+    runs = {k: set() for k in ("teacher", "stage1", "stage2", "baseline", "split", "prepare_data")}
+
+    def student_task(e, r, a, s):
+        runs["teacher"].add((e, s))
+        runs["split"].add((ex[e]["dataset"], ex[e]["classes_per_task"], g(r), s))
+        runs["split"].add((ex[e]["dataset"], ex[e]["classes_per_task"], g(0), s))   # the teacher's split
+        runs["prepare_data"].add(ex[e]["dataset"])
+
+    def stage1(e, r, a, s, k=khat):
+        student_task(e, r, a, s)
+        runs["stage1"].add((e, g(r), a, s, str(k)))
+
+    def stage2(e, r, a, s, v, l=lam):
+        stage1(e, r, a, s)
+        runs["stage2"].add((e, g(r), a, s, v, g(l)))
+
+    for t in ("table1", "table2"):
+        if t in targets:
+            for r in ex[t]["ratios"]:
+                for a in ex[t]["students"]:
+                    for s in seeds:
+                        for m in METHODS[3:]:
+                            stage2(t, r, a, s, m)
+                        for m in METHODS[:3]:
+                            student_task(t, r, a, s)
+                            runs["baseline"].add((t, g(r), a, s, m))
+    if "table4" in targets:
+        t4 = cfg["table4"]
+        for r in t4["ratios"]:
+            for k in t4["k_hats"]:
+                for s in seeds:
+                    stage1(t4["experiment"], r, t4["arch"], s, k)
+    if "figures" in targets:
+        f1, f2, f3 = cfg["figure1"], cfg["figure2"], cfg["figure3"]
+        stage2(f1["experiment"], f1["ratio"], f1["arch"], f1["seed"], "refilled")
+        for a in ex[f2["experiment"]]["students"]:
+            for l in f2["lams"]:
+                for s in seeds:
+                    stage2(f2["experiment"], f2["ratio"], a, s, "refilled", l)
+        for r in f3["ratios"]:
+            for s in seeds:
+                stage2(f3["experiment"], r, f3["arch"], s, "refilled", f3["lam"])
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------
+# Dry runs on the paper profile: the job counts the grid implies
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dry_run_table2_paper_has_exactly_the_grid(tmp_path):
+    out = snakemake(["results/table2.csv", "-n", "--quiet", "rules", "--config", "profile=paper"], workdir=tmp_path)
+    counts = job_counts(out.stdout + out.stderr)
+    cfg = profile("paper")
+    e = cfg["experiments"]["table2"]
+    n_seeds, n_ratios, n_archs = len(cfg["seeds"]), len(e["ratios"]), len(e["students"])
+    assert (n_seeds, n_ratios, n_archs) == (3, 6, 4)
+    expected = {
+        "prepare_data": 1,                              # CIFAR-100, verified once
+        "split": n_ratios * n_seeds,                    # ratio 0 (the teacher's split) is one of the six
+        "teacher": n_seeds,                             # one teacher per seed serves every ratio
+        "stage1": n_ratios * n_archs * n_seeds,         # shared by the three REFILLED rows
+        "stage2": 3 * n_ratios * n_archs * n_seeds,     # REFILLED, REFILLED-, REFILLED^EMB
+        "baseline": 3 * n_ratios * n_archs * n_seeds,   # student, RKD, AML
+        "table2": 1,
+    }
+    assert counts == expected
+    assert sum(counts.values()) == 1 + 18 + 3 + 72 + 216 + 216 + 1
+    # the independent enumeration agrees
+    runs = expected_runs(cfg, {"table2"})
+    assert {k: len(v) for k, v in runs.items()} == {k: v for k, v in expected.items() if k != "table2"}
+
+
+def test_dry_run_everything_paper_shares_runs_across_tables_and_figures(tmp_path):
+    out = snakemake(["all", "-n", "--quiet", "rules", "--config", "profile=paper"], workdir=tmp_path)
+    counts = job_counts(out.stdout + out.stderr)
+    runs = expected_runs(profile("paper"), {"table1", "table2", "table4", "figures"})
+    expected = {k: len(v) for k, v in runs.items()}
+    expected.update({r: 1 for r in ("table1", "table2", "table4", "figure1", "figure2", "figure3", "lambda_auc", "all")})
+    assert counts == expected
+    # Table 4 adds K-hat 1 and 5 (K-hat inf is Table 1's stage 1); Figure 2 adds lambda != 2;
+    # Figure 1 reuses a Table-2 run; Figure 3 adds lambda = 1 at two ratios.
+    assert counts["stage1"] == (5 + 6) * 4 * 3 + 2 * 2 * 3
+    assert counts["stage2"] == (5 + 6) * 4 * 3 * 3 + 4 * 4 * 3 + 2 * 3
+
+
+def test_training_rules_declare_one_gpu(tmp_path):
+    out = snakemake(["results/table2.csv", "-n", "--config", "profile=paper"], workdir=tmp_path)
+    text = out.stdout + out.stderr
+    blocks = re.split(r"\n(?=(?:local)?rule \w+:)", text)
+    seen = set()
+    for block in blocks:
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        if not m:
+            continue
+        rule = m.group(1)
+        if rule in ("teacher", "stage1", "stage2", "baseline"):
+            assert re.search(r"resources:.*\bgpu=1\b", block), block[:600]
+            seen.add(rule)
+    assert seen == {"teacher", "stage1", "stage2", "baseline"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration validation: a wrong key, type or value stops the run and names it
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def workflow_copy(tmp_path):
+    """The workflow (Snakefile, workflow/, config/, params.yaml, src/refilled) in a temp dir."""
+    dst = tmp_path / "wf"
+    dst.mkdir()
+    shutil.copy(ROOT / "Snakefile", dst)
+    shutil.copy(ROOT / "params.yaml", dst)
+    for d in ("workflow", "config"):
+        shutil.copytree(ROOT / d, dst / d)
+    shutil.copytree(ROOT / "src" / "refilled", dst / "src" / "refilled", ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def _bad_profile(wf: Path, edit) -> None:
+    cfg = yaml.safe_load((wf / "config" / "smoke.yaml").read_text())
+    edit(cfg)
+    (wf / "config" / "bad.yaml").write_text(yaml.safe_dump(cfg))
+
+
+BAD = {
+    "unknown top-level key": (lambda c: c.update(epochs=3), ["unknown key", "'epochs'"]),
+    "unknown nested key": (lambda c: c["experiments"]["table2"]["teacher"].update(lr=0.1),
+                           ["unknown key", "'lr'", "experiments.table2.teacher"]),
+    "wrong type": (lambda c: c.update(batch_size="large"), ["batch_size", "'large' is not of type 'integer'"]),
+    "value out of range": (lambda c: c.update(seeds=[-1]), ["seeds[0]", "-1"]),
+    "value not allowed": (lambda c: c.update(device="tpu"), ["device", "'tpu'"]),
+    "ratio that h does not divide": (lambda c: c["experiments"]["table2"].update(ratios=[0, 0.3]),
+                                     ["experiments.table2.ratios[1]", "0.3", "valid ratios: 0, 0.2, 0.4, 0.6, 0.8, 1"]),
+    "figure ratio invalid for its experiment": (lambda c: c["figure2"].update(ratio=0.6),
+                                                ["figure2", "ratio 0.6", "table1"]),
+    "unknown architecture": (lambda c: c["experiments"]["table1"].update(students=["resnet-18"]),
+                             ["experiments.table1.students[0]", "resnet-18"]),
+    "missing key": (lambda c: c.pop("lam"), ["'lam' is a required property"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_profile_stops_with_the_key_named(workflow_copy, case):
+    edit, must = BAD[case]
+    _bad_profile(workflow_copy, edit)
+    out = snakemake(["all", "-n", "--config", "profile=bad"], snakefile=workflow_copy / "Snakefile",
+                    workdir=workflow_copy, check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "config/bad.yaml" in text
+    for m in must:
+        assert m in text, f"{m!r} not in:\n{text[-3000:]}"
+    assert "Job stats" not in text          # nothing was scheduled
+
+
+def test_unknown_profile_and_unknown_config_key_are_named(workflow_copy):
+    out = snakemake(["all", "-n", "--config", "profile=nope"], snakefile=workflow_copy / "Snakefile",
+                    workdir=workflow_copy, check=False)
+    assert out.returncode != 0 and "unknown profile 'nope'" in out.stdout + out.stderr
+    assert "demo, gpu, paper, smoke" in out.stdout + out.stderr
+    out = snakemake(["all", "-n", "--config", "profile=smoke", "epochs=3"], snakefile=workflow_copy / "Snakefile",
+                    workdir=workflow_copy, check=False)
+    assert out.returncode != 0 and "unknown key(s) 'epochs'" in out.stdout + out.stderr
+
+
+def test_shipped_profiles_are_valid_and_differ_in_numbers_only():
+    sys.path.insert(0, str(ROOT / "src"))
+    from refilled.config import load_profile
+
+    shapes = {}
+    for name in ("smoke", "demo", "gpu", "paper"):
+        cfg = load_profile(ROOT, name)
+
+        def shape(x):
+            if isinstance(x, dict):
+                return {k: shape(v) for k, v in x.items()}
+            return "value"
+        shapes[name] = shape(cfg)
+    assert all(s == shapes["paper"] for s in shapes.values())   # same keys everywhere
+    assert yaml.safe_load((ROOT / "params.yaml").read_text()) == {"profile": "demo"}
+
+
+# ------------------------------------------------------------------------------------------------
+# `refilled table`: numbers only from summaries; a gap or a duplicate is an error
+# ------------------------------------------------------------------------------------------------
+
+
+def _fake_summary(path: Path, method: str, arch: str, seed: int, acc: float, ratio=0.5, kind=None, k_hat=None):
+    kind = kind or ("stage2" if method.startswith("refilled") else "baseline")
+    s = {"kind": kind, "method": method, "arch": arch, "seed": seed, "split": {"ratio": ratio},
+         "params": {"lam": 2.0, "k_hat": k_hat}, "test_acc" if kind != "stage1" else "ncm_acc": acc}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(s))
+    return path
+
+
+def test_table_command_means_stds_and_refuses_gaps_and_duplicates(tmp_path):
+    sys.path.insert(0, str(ROOT / "src"))
+    from refilled.cli import main
+
+    paths = [_fake_summary(tmp_path / f"{m}-{a}-{s}.json", m, a, s, 0.5 + 0.01 * i + 0.1 * s)
+             for i, m in enumerate(METHODS) for a in ("wrn-16-1", "wrn-10-1") for s in (0, 1)]
+    args = ["table", "--table", "2", "--ratios", "0.5", "--columns", "wrn-16-1", "wrn-10-1", "--lam", "2",
+            "--out", tmp_path / "t.csv", "--long", tmp_path / "l.csv", "--markdown", tmp_path / "t.md", "--summaries"]
+    assert main([str(a) for a in args + paths]) == 0
+    wide = _read(tmp_path / "t.csv")
+    assert [r["method"] for r in wide] == [LABELS[m] for m in METHODS]
+    # seeds 0 and 1 differ by 10 points: mean = 50 + i + 5, sample std = 7.07
+    assert wide[2]["wrn-10-1"] == "57.00 ± 7.07"
+    assert len(_read(tmp_path / "l.csv")) == 24
+    assert main([str(a) for a in args + paths[:-1]]) == 2       # a seed missing in one cell
+    assert main([str(a) for a in args + paths[:-2]]) == 2       # a cell with no run
+    dup = _fake_summary(tmp_path / "dup.json", METHODS[0], "wrn-16-1", 0, 0.9)
+    assert main([str(a) for a in args + paths + [dup]]) == 2    # two runs for one cell and seed
+    t4 = [_fake_summary(tmp_path / f"k{k}-{r}.json", "stage1", "mobilenet-1.0", 0, 0.3 + 0.01 * i, ratio=r,
+                        kind="stage1", k_hat=k) for i, (r, k) in enumerate((r, k) for r in (0, 0.5) for k in (1, 5, None))]
+    args4 = ["table", "--table", "4", "--ratios", "0", "0.5", "--columns", "1", "5", "inf",
+             "--out", tmp_path / "t4.csv", "--long", tmp_path / "l4.csv", "--markdown", tmp_path / "t4.md", "--summaries"]
+    assert main([str(a) for a in args4 + t4]) == 0
+    assert _read(tmp_path / "t4.csv")[1] == {"ratio": "0.5", "k_hat=1": "33.00 ± n/a", "k_hat=5": "34.00 ± n/a",
+                                             "k_hat=inf": "35.00 ± n/a"}
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU slots: `refilled pin`
+# ------------------------------------------------------------------------------------------------
+
+
+def _provided_resources(tmp: Path, gpus: str | None, extra: list = ()) -> str:
+    env = _env()
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus        # what the Snakefile counts (no GPU needs to exist)
+    shutil.rmtree(tmp / "data", ignore_errors=True)
+    proc = subprocess.run([str(BIN / "snakemake"), "data/splits/fashion-mnist/h5/r0/seed0.json", "-s",
+                           str(ROOT / "Snakefile"), "-d", str(tmp), "--cores", "2", *extra,
+                           "--config", "profile=smoke"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return "\n".join(l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("Provided resources"))
+
+
+def test_gpu_slots_limit_the_gpu_jobs_snakemake_runs_at_once(tmp_path):
+    slots = profile("smoke")["gpu_slots_per_gpu"]
+    assert f'gpu", {2 * slots})' in _provided_resources(tmp_path, "0,1")      # 2 GPUs x slots per GPU
+    assert f'gpu", {1 * slots})' in _provided_resources(tmp_path, "0")
+    assert 'gpu", 1)' in _provided_resources(tmp_path, "0,1", ["--resources", "gpu=1"])   # the command line wins
+    assert "gpu" not in _provided_resources(tmp_path, "")                      # no GPU: no limit, all on the CPU
+
+
+def _pin(lock_dir: Path, tmp: Path, name: str, gpus: int = 2, per_gpu: int = 1):
+    return subprocess.Popen([str(BIN / "refilled"), "pin", "--gpus", str(gpus), "--per-gpu", str(per_gpu),
+                             "--lock-dir", str(lock_dir), "--", "split", "--dataset", "fashion-mnist", "--ratio", "0",
+                             "--seed", "0", "--classes-per-task", "5", "--out", str(tmp / f"{name}.json")],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_pin_gives_each_job_a_free_gpu_slot_and_waits_when_all_are_taken(tmp_path):
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    held = open(locks / "gpu0-slot0.lock", "a")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)      # another job holds GPU 0
+    p = _pin(locks, tmp_path, "a")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "refilled pin: GPU 1" in err                  # so this one runs on GPU 1
+    held1 = open(locks / "gpu1-slot0.lock", "a")
+    fcntl.flock(held1, fcntl.LOCK_EX | fcntl.LOCK_NB)    # now both GPUs are busy
+    p = _pin(locks, tmp_path, "b")
+    time.sleep(4)
+    assert p.poll() is None                              # it waits for a slot...
+    assert not (tmp_path / "b.json").exists()
+    fcntl.flock(held1, fcntl.LOCK_UN)
+    held1.close()
+    _, err = p.communicate(timeout=120)                  # ...and takes GPU 1 when it is freed
+    assert p.returncode == 0 and "refilled pin: GPU 1" in err and (tmp_path / "b.json").exists()
+    held.close()
+    # two slots per GPU: the first jobs spread over the GPUs
+    p = _pin(locks, tmp_path, "c", gpus=2, per_gpu=2)
+    _, err = p.communicate(timeout=120)
+    assert "refilled pin: GPU 0" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# DVC and Snakemake agree
+# ------------------------------------------------------------------------------------------------
+
+
+def _dag_outputs(prof: str, workdir: Path) -> set[str]:
+    out = snakemake(["all", "data", "teachers", "students", "tables", "figures", "--summary",
+                     "--config", f"profile={prof}"], workdir=workdir)
+    files = set()
+    for line in out.stdout.splitlines()[1:]:
+        first = line.split("\t")[0].strip()
+        if first and not first.startswith(("Building", "Assuming")):
+            files.add(first)
+    return files
+
+
+def _dvc_outs(prof: str) -> list[str]:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = []
+    for stage in stages.values():
+        for o in stage["outs"]:
+            path = next(iter(o)) if isinstance(o, dict) else o
+            outs.append(path.replace("${profile}", prof))
+    return outs
+
+
+@pytest.mark.parametrize("prof", ["smoke", "paper"])
+def test_dvc_outputs_are_exactly_what_the_snakemake_dag_makes(tmp_path, prof):
+    dag = _dag_outputs(prof, tmp_path)
+    assert any(f.startswith(f"results/runs/{prof}/students/") for f in dag)
+    outs = _dvc_outs(prof)
+    for o in outs:          # every DVC output is made by the DAG (a file, or files under a directory)
+        assert o in dag or any(f.startswith(o + "/") for f in dag), f"dvc.yaml declares {o}, the DAG never makes it"
+    for f in dag:           # and the DAG makes nothing DVC does not track (logs and benchmarks aside)
+        if f.startswith(("results/logs/", "results/benchmarks/")):
+            continue
+        assert any(f == o or f.startswith(o + "/") for o in outs), f"{f} is made by Snakemake but not a DVC output"
+    # each DVC stage calls one Snakemake target rule
+    snakefile = (ROOT / "Snakefile").read_text()
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        target = stage["cmd"].split()[-1]
+        assert stage["cmd"].startswith("snakemake ") and re.search(rf"^rule {target}:", snakefile, re.M), name
+        assert all(o.get(next(iter(o)), {}).get("persist") for o in stage["outs"]), name
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end on the smoke profile, in a temporary clone
+# ------------------------------------------------------------------------------------------------
+
+
+def _working_tree_files() -> list[str]:
+    out = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT).stdout
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
+def _checksums(root: Path, paths: list[str]) -> dict[str, str]:
+    sums = {}
+    for p in paths:
+        base = root / p
+        files = [base] if base.is_file() else sorted(x for x in base.rglob("*") if x.is_file())
+        for f in files:
+            sums[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return sums
+
+
+@pytest.fixture(scope="module")
+def smoke_clone(tmp_path_factory):
+    """A copy of the working tree (what a clone has), the raw data, git + DVC, profile smoke; run once."""
+    base = tmp_path_factory.mktemp("clone")
+    repo = base / "repo"
+    for f in _working_tree_files():
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, repo / f)
+    raw = ROOT / "data" / "raw" / "fashion-mnist"
+    assert raw.is_dir(), "Fashion-MNIST must be in data/raw (make data)"
+    shutil.copytree(raw, repo / "data" / "raw" / "fashion-mnist")
+    (repo / "params.yaml").write_text("profile: smoke\n")
+    run(["git", "init", "-q"], cwd=repo)
+    began = time.time()
+    snakemake(["all", "--cores", "2"], snakefile=repo / "Snakefile", workdir=repo, timeout=1200)
+    return {"repo": repo, "remote": base / "dvc-remote", "seconds": time.time() - began}
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_smoke_every_table_and_figure_exists(smoke_clone):
+    repo = smoke_clone["repo"]
+    for f in TABLE_FILES + FIGURE_FILES + ["results/lambda_auc.csv"]:
+        assert (repo / f).is_file() and (repo / f).stat().st_size > 0, f
+    for f in FIGURE_FILES:
+        head = (repo / f).read_bytes()[:8]
+        assert head.startswith(b"\x89PNG") if f.endswith(".png") else head.startswith(b"%PDF")
+        assert (repo / f).stat().st_size > 10_000, f   # axes, labels and legends, not an empty canvas
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("table,exp", [("1", "table1"), ("2", "table2")])
+def test_smoke_tables_1_2_shape_and_every_cell_traces_to_summaries(smoke_clone, table, exp):
+    repo = smoke_clone["repo"]
+    cfg = profile("smoke")
+    e = cfg["experiments"][exp]
+    wide = _read(repo / f"results/table{table}.csv")
+    assert list(wide[0]) == ["ratio", "method", *e["students"]]
+    assert [(r["ratio"], r["method"]) for r in wide] == [(g(r), LABELS[m]) for r in e["ratios"] for m in METHODS]
+    long = _read(repo / f"results/table{table}_long.csv")
+    assert len(long) == len(e["ratios"]) * len(METHODS) * len(e["students"]) * len(cfg["seeds"])
+    for row in long:                         # each long row is its summary.json
+        s = json.loads((repo / row["summary"]).read_text())
+        assert row["summary"].startswith(f"results/runs/smoke/students/{exp}/r{row['ratio']}/{row['arch']}/seed")
+        assert (s["arch"], s["method"], s["seed"], g(s["split"]["ratio"])) == \
+            (row["arch"], row["method"], int(row["seed"]), row["ratio"])
+        assert float(row["test_acc"]) == pytest.approx(100 * s["test_acc"])
+        if s["method"] in ("refilled", "refilled-minus"):
+            assert s["params"]["lam"] == cfg["lam"]
+    for w in wide:                           # each wide cell is the mean of its runs' summaries
+        method = next(m for m in METHODS if LABELS[m] == w["method"])
+        for arch in e["students"]:
+            paths = [r["summary"] for r in long if (r["ratio"], r["method"], r["arch"]) == (w["ratio"], method, arch)]
+            assert len(paths) == len(cfg["seeds"])
+            values = [100 * json.loads((repo / p).read_text())["test_acc"] for p in paths]
+            mean, _, std = w[arch].partition(" ± ")
+            assert float(mean) == pytest.approx(statistics.fmean(values), abs=0.005)
+            assert std == ("n/a" if len(values) == 1 else f"{statistics.stdev(values):.2f}")
+    md = (repo / f"results/table{table}.md").read_text()
+    assert md.count("**Overlap ratio") == len(e["ratios"]) and all(a in md for a in e["students"])
+
+
+@pytest.mark.slow
+def test_smoke_table4_shape_and_cells_trace_to_stage1_summaries(smoke_clone):
+    repo = smoke_clone["repo"]
+    t4 = profile("smoke")["table4"]
+    wide = _read(repo / "results/table4.csv")
+    assert list(wide[0]) == ["ratio"] + [f"k_hat={k}" for k in t4["k_hats"]]
+    assert [r["ratio"] for r in wide] == [g(r) for r in t4["ratios"]]
+    long = _read(repo / "results/table4_long.csv")
+    assert len(long) == len(t4["ratios"]) * len(t4["k_hats"])
+    for row in long:
+        s = json.loads((repo / row["summary"]).read_text())
+        assert s["kind"] == "stage1" and s["arch"] == t4["arch"]
+        assert str(s["params"]["k_hat"] or "inf") == row["k_hat"]
+        cell = next(w for w in wide if w["ratio"] == row["ratio"])[f"k_hat={row['k_hat']}"]
+        assert float(cell.split(" ± ")[0]) == pytest.approx(100 * s["ncm_acc"], abs=0.005)
+
+
+@pytest.mark.slow
+def test_smoke_lambda_auc_and_figure_inputs(smoke_clone):
+    repo = smoke_clone["repo"]
+    f3 = profile("smoke")["figure3"]
+    rows = _read(repo / "results/lambda_auc.csv")
+    assert [r["ratio"] for r in rows] == [g(r) for r in f3["ratios"]]
+    for r in rows:
+        lam = _read(repo / r["run"] / "lambda_i.csv")
+        seen = [int(x["seen"]) for x in lam]
+        assert int(r["n_seen"]) == sum(seen) and int(r["n_unseen"]) == len(seen) - sum(seen)
+        assert float(r["lam"]) == f3["lam"]
+        assert all(0 < float(x["lambda_i"]) <= f3["lam"] for x in lam)
+        if r["ratio"] == "1":
+            assert r["auc"] == "" and int(r["n_unseen"]) == 0      # every class is seen: AUC undefined
+        else:
+            from sklearn.metrics import roc_auc_score
+            assert float(r["auc"]) == pytest.approx(roc_auc_score(seen, [float(x["lambda_i"]) for x in lam]), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_smoke_report_is_one_page_with_every_table_and_figure(smoke_clone):
+    repo = smoke_clone["repo"]
+    snakemake(["all", "--report", "report.html"], snakefile=repo / "Snakefile", workdir=repo, timeout=600)
+    html = (repo / "report.html").read_text(errors="replace")
+    assert len(html) > 100_000
+    for name in ("table1.csv", "table2.csv", "table4.csv", "lambda_auc.csv", "figure1_convergence.png",
+                 "figure2_lambda_sweep.png", "figure3_lambda_hist.png"):
+        assert name in html, name
+    assert "Histograms of the adaptive weight" in html and "Quality of the student" in html   # captions
+
+
+@pytest.mark.slow
+def test_smoke_dvc_repro_push_pull_round_trip(smoke_clone):
+    repo, remote = smoke_clone["repo"], smoke_clone["remote"]
+    dvc = BIN / "dvc"
+    # the default remote is a local directory beside the clone (../dvc-remote)
+    assert Path(run([dvc, "remote", "list"], cwd=repo).stdout.split()[1]).resolve() == remote.resolve()
+    run([dvc, "repro"], cwd=repo, timeout=900)           # Snakemake finds everything made: nothing retrains
+    status = run([dvc, "status"], cwd=repo).stdout
+    assert "changed" not in status and "modified" not in status, status
+    outs = ["data/raw"] + _dvc_outs("smoke")
+    before = _checksums(repo, outs)
+    assert any(k.endswith("model.pt") for k in before) and any(k.startswith("figures/") for k in before)
+    run([dvc, "push"], cwd=repo, timeout=600)
+    # a fresh clone: no cache, no outputs; then dvc pull
+    shutil.rmtree(repo / ".dvc" / "cache")
+    for o in outs:
+        p = repo / o
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shutil.rmtree(repo / ".snakemake", ignore_errors=True)
+    run([dvc, "pull"], cwd=repo, timeout=600)
+    after = _checksums(repo, outs)
+    assert after == before                                # nothing lost, byte for byte
+    # DVC does not restore mtimes: --touch, then Snakemake has nothing to do
+    snakemake(["all", "--touch", "--cores", "1"], snakefile=repo / "Snakefile", workdir=repo)
+    out = snakemake(["all", "-n"], snakefile=repo / "Snakefile", workdir=repo)
+    assert "Nothing to be done" in out.stdout + out.stderr, out.stdout[-3000:]

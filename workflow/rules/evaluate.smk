@@ -1,0 +1,20 @@
+# Stage: per-run evaluation beyond what each run's summary.json already holds (final test
+# accuracy, NCM accuracy): the AUC of lambda_i separating seen from unseen classes, for
+# the REFILLED runs of Figure 3.
+
+
+rule lambda_auc:
+    input:
+        summaries=summaries(figure3_runs()),
+        lambda_i=[f"{d}/lambda_i.csv" for d in figure3_runs()],
+    output:
+        report("results/lambda_auc.csv", caption="../report/lambda_auc.rst", category="Figures",
+               subcategory="Figure 3"),
+    log:
+        f"{LOGS}/lambda_auc.log",
+    benchmark:
+        f"{BENCH}/lambda_auc.tsv"
+    params:
+        runs=figure3_runs(),
+    shell:
+        "{REFILLED} lambda-auc --runs {params.runs} --out {output} > {log} 2>&1"

@@ -1,0 +1,61 @@
+# Stage: tables. Every number is read from the summary.json files listed as inputs.
+
+
+def _table_rule_params(exp):
+    e = EXPS[exp]
+    return {"ratios": " ".join(fmt(r) for r in e["ratios"]), "columns": " ".join(e["students"])}
+
+
+rule table1:
+    input:
+        summaries(table_runs("table1")),
+    output:
+        csv=report("results/table1.csv", caption="../report/table1.rst", category="Tables"),
+        long="results/table1_long.csv",
+        md="results/table1.md",
+    log:
+        f"{LOGS}/table1.log",
+    benchmark:
+        f"{BENCH}/table1.tsv"
+    params:
+        **_table_rule_params("table1"),
+    shell:
+        "{REFILLED} table --table 1 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
+        "--lam {LAM} --out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
+
+
+rule table2:
+    input:
+        summaries(table_runs("table2")),
+    output:
+        csv=report("results/table2.csv", caption="../report/table2.rst", category="Tables"),
+        long="results/table2_long.csv",
+        md="results/table2.md",
+    log:
+        f"{LOGS}/table2.log",
+    benchmark:
+        f"{BENCH}/table2.tsv"
+    params:
+        **_table_rule_params("table2"),
+    shell:
+        "{REFILLED} table --table 2 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
+        "--lam {LAM} --out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
+
+
+rule table4:
+    input:
+        summaries(table4_runs()),
+    output:
+        csv=report("results/table4.csv", caption="../report/table4.rst", category="Tables"),
+        long="results/table4_long.csv",
+        md="results/table4.md",
+    log:
+        f"{LOGS}/table4.log",
+    benchmark:
+        f"{BENCH}/table4.tsv"
+    params:
+        ratios=" ".join(fmt(r) for r in P["table4"]["ratios"]),
+        columns=" ".join(k_hat_value(k) for k in P["table4"]["k_hats"]),
+    shell:
+        "{REFILLED} table --table 4 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
+        "--out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
