@@ -40,6 +40,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+from snakemake_output import job_counts
 import torch
 import torch.nn.functional as F
 import yaml
@@ -284,21 +285,6 @@ def sm_ok(proc: subprocess.CompletedProcess) -> str:
     return text
 
 
-def job_counts(text: str) -> dict[str, int]:
-    """The 'Job stats' table Snakemake prints before it runs: {rule: count}."""
-    counts, inside = {}, False
-    for line in text.splitlines():
-        if line.startswith("Job stats:"):
-            inside, counts = True, {}
-            continue
-        if inside:
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit():
-                counts[parts[0]] = int(parts[1])
-            elif counts and not line.strip():
-                inside = False
-    counts.pop("total", None)
-    return counts
 
 
 def descendants(pid: int) -> dict[int, list[str]]:

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
+from snakemake_output import job_counts
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,21 +66,6 @@ def snakemake(args: list, snakefile: Path = ROOT / "Snakefile", workdir: Path | 
     return run([BIN / "snakemake", *args[:n], *extra, *args[n:]], cwd=workdir or ROOT, **kw)
 
 
-def job_counts(output: str) -> dict[str, int]:
-    """The 'Job stats' table of a dry run: {rule: count}."""
-    counts, inside = {}, False
-    for line in output.splitlines():
-        if line.startswith("Job stats:"):
-            inside, counts = True, {}
-            continue
-        if inside:
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit():
-                counts[parts[0]] = int(parts[1])
-            elif counts and not line.strip():
-                inside = False
-    counts.pop("total", None)
-    return counts
 
 
 def profile(name: str) -> dict:
