@@ -115,3 +115,21 @@ def make_cub(root, n_classes: int = 3, n_train_per_class: int = 2, n_test_per_cl
     (directory / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, c, _ in rows))
     (directory / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in rows))
     return {"dir": directory, "rows": rows, "classes": classes}
+
+
+def tiny_dataset(n_per_class: int = 12, n_classes: int = 4, seed: int = 0):
+    """An in-memory Dataset of random 32x32 images whose brightness depends on the class,
+    so a model learns something in a few steps."""
+    import torch
+
+    from refilled.data import ArraySplit, Dataset
+
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        labels = torch.arange(n_classes).repeat_interleave(n)
+        images = (torch.rand(len(labels), 3, 32, 32, generator=g) * 80 + labels.view(-1, 1, 1, 1) * 40).to(torch.uint8)
+        return ArraySplit(images, labels)
+
+    return Dataset("tiny", [f"c{i}" for i in range(n_classes)], split(n_per_class), split(4),
+                   (0.3, 0.3, 0.3), (0.3, 0.3, 0.3))

@@ -8,9 +8,7 @@ the entry point itself is under test (help, split, the killed-and-resumed run).
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import os
 import shutil
@@ -18,11 +16,11 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import cli
 import torch
 import torch.nn.functional as F
 
@@ -44,20 +42,6 @@ SUBCOMMANDS = ["data", "split", "train-teacher", "train-stage1", "train-stage2",
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def cli(argv: list) -> tuple[int, str, str]:
-    """Run `refilled argv` in-process; (exit code, stdout, stderr). Never raises."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-        except Exception:  # an uncaught exception is a failure of the CLI, reported as such
-            traceback.print_exc(file=err)
-            rc = "uncaught exception"
-    return rc, out.getvalue(), err.getvalue()
 
 
 def ok(result: tuple[int, str, str]) -> str:

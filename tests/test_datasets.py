@@ -96,7 +96,6 @@ def _fashion_corrupt(tmp_path, kind: str, gz: bool) -> Path:
     """Make a fake Fashion-MNIST with one defect; return the file the error must name."""
     fake = make_fashion_idx(tmp_path, 2, 1, gz=gz)
     d, paths = fake["dir"], fake["paths"]
-    suffix = ".gz" if gz else ""
     if kind == "truncated":
         p = paths["train-images-idx3-ubyte"]
         if gz:   # a truncated gzip stream

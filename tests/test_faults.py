@@ -36,19 +36,19 @@ import subprocess
 import sys
 import textwrap
 import time
-import traceback
 from pathlib import Path
 
 import pytest
+from cli_runner import cli
 from snakemake_output import job_counts
 import torch
 import torch.nn.functional as F
 import yaml
 
-from fakedata import cifar_pickle, idx_bytes, make_cifar100, make_cub, make_fashion_idx, write_maybe_gz
+from fakedata import cifar_pickle, idx_bytes, make_cifar100, make_cub, make_fashion_idx, tiny_dataset, write_maybe_gz
 from refilled.checkpoints import load_model, save_model
 from refilled.data.batches import Batches, task_split
-from refilled.data.datasets import ArraySplit, Dataset
+from refilled.data.datasets import Dataset
 from refilled.io import CheckpointError, load_tensors, read_json, save_tensors, write_csv, write_json
 from refilled.methods import CrossEntropy, Method
 from refilled.models import build_model
@@ -82,22 +82,6 @@ def one_cpu():
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def cli(argv: list) -> tuple[object, str, str]:
-    """`refilled argv` in-process: (exit code, stdout, stderr); an escaping exception is reported."""
-    from refilled.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-        except Exception:
-            traceback.print_exc(file=err)
-            rc = "uncaught exception"
-    return rc, out.getvalue(), err.getvalue()
 
 
 def failed(result) -> str:
@@ -141,18 +125,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-def tiny_dataset(n_per_class: int = 12, n_classes: int = 4, seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-
-    def split(n):
-        labels = torch.arange(n_classes).repeat_interleave(n)
-        images = (torch.rand(len(labels), 3, 32, 32, generator=g) * 80 + labels.view(-1, 1, 1, 1) * 40).to(torch.uint8)
-        return ArraySplit(images, labels)
-
-    return Dataset("tiny", [f"c{i}" for i in range(n_classes)], split(n_per_class), split(4),
-                   (0.3, 0.3, 0.3), (0.3, 0.3, 0.3))
 
 
 def train_batches(ds: Dataset, seed: int = 3) -> Batches:

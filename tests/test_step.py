@@ -258,7 +258,7 @@ def test_graph_mode_from_environment(monkeypatch):
 
 
 def _dataset():
-    from test_train import tiny_dataset
+    from fakedata import tiny_dataset
 
     return tiny_dataset()
 

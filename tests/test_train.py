@@ -4,10 +4,10 @@ import csv
 import math
 
 import pytest
+from fakedata import tiny_dataset
 import torch
 
 from refilled.data.batches import Batches, random_crop_flip, task_split
-from refilled.data.datasets import ArraySplit, Dataset
 from refilled.evaluate import accuracy
 from refilled.io import load_tensors
 from refilled.methods import CrossEntropy
@@ -15,19 +15,6 @@ from refilled.models import build_model
 from refilled.train import OptimConfig, fit, lr_at
 
 CPU = torch.device("cpu")
-
-
-def tiny_dataset(n_per_class=12, n_classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def split(n):
-        labels = torch.arange(n_classes).repeat_interleave(n)
-        # class-dependent brightness so a model can learn something in a few steps
-        images = (torch.rand(len(labels), 3, 32, 32, generator=g) * 80 + labels.view(-1, 1, 1, 1) * 40).to(torch.uint8)
-        return ArraySplit(images, labels)
-
-    return Dataset("tiny", [f"c{i}" for i in range(n_classes)], split(n_per_class), split(4),
-                   (0.3, 0.3, 0.3), (0.3, 0.3, 0.3))
 
 
 def test_multistep_and_cosine_schedules():

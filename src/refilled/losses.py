@@ -64,6 +64,19 @@ def _check_labels(labels: torch.Tensor, batch: int) -> None:
         )
 
 
+def _check_embedding_pair(student_emb: torch.Tensor, teacher_emb: torch.Tensor,
+                          labels: torch.Tensor | None = None) -> int:
+    """Validate a student/teacher embedding batch (and its labels); return the batch size."""
+    _check_2d("student_emb", student_emb)
+    _check_2d("teacher_emb", teacher_emb)
+    batch = student_emb.shape[0]
+    if teacher_emb.shape[0] != batch:
+        raise ValueError("student_emb and teacher_emb must have the same batch size")
+    if labels is not None:
+        _check_labels(labels, batch)
+    return batch
+
+
 def pairwise_distances(emb: torch.Tensor) -> torch.Tensor:
     """Plain (not squared) Euclidean distances between the L2-normalised rows of ``emb``.
 
@@ -213,12 +226,7 @@ def comparison_matching_loss(
     connected to ``student_emb``'s graph (zero gradient). The caller applies the scale
     (the authors use 1000).
     """
-    _check_2d("student_emb", student_emb)
-    _check_2d("teacher_emb", teacher_emb)
-    B = student_emb.shape[0]
-    if teacher_emb.shape[0] != B:
-        raise ValueError("student_emb and teacher_emb must have the same batch size")
-    _check_labels(labels, B)
+    _check_embedding_pair(student_emb, teacher_emb, labels)
     if k_hat is not None:
         if isinstance(k_hat, bool) or not isinstance(k_hat, numbers.Integral) or k_hat < 1:
             raise ValueError(f"k_hat must be a positive int or None, got {k_hat!r}")
@@ -344,10 +352,7 @@ def rkd_terms(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> tuple[tor
     cosine-angle cubes of :func:`_rkd_angles`, averaged. Teacher under ``no_grad``.
     ``smooth_l1`` uses beta = 1 (PyTorch's default, as in Park et al.'s code).
     """
-    _check_2d("student_emb", student_emb)
-    _check_2d("teacher_emb", teacher_emb)
-    if student_emb.shape[0] != teacher_emb.shape[0]:
-        raise ValueError("student_emb and teacher_emb must have the same batch size")
+    _check_embedding_pair(student_emb, teacher_emb)
     with _fp32(student_emb.device):
         s = student_emb.float()
         with torch.no_grad():
@@ -395,12 +400,7 @@ def aml_loss(
     The pair ``i == j`` (the teacher's embedding of the student's own image) is a
     positive: the asymmetric setting's most direct target.
     """
-    _check_2d("student_emb", student_emb)
-    _check_2d("teacher_emb", teacher_emb)
-    B = student_emb.shape[0]
-    if teacher_emb.shape[0] != B:
-        raise ValueError("student_emb and teacher_emb must have the same batch size")
-    _check_labels(labels, B)
+    _check_embedding_pair(student_emb, teacher_emb, labels)
     proj = projection(student_emb)
     with _fp32(student_emb.device):
         q = F.normalize(proj.float(), p=2, dim=1)
