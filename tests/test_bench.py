@@ -4,6 +4,7 @@ the batched 224 px augmentation (refilled.augment) that the bench and CUB use.""
 import argparse
 import csv
 import math
+import os
 
 import pytest
 import torch
@@ -170,7 +171,7 @@ def test_cached_image_batches_follow_the_batches_conventions(tmp_path):
     assert images.shape == (10, 3, 24, 24) and images.dtype == torch.uint8
     assert heights.tolist() == [30] * 10 and widths.tolist() == [40 + i for i in range(10)]
     again = augment.load_or_decode(paths, size=24, cache_dir=tmp_path / "cache")
-    assert torch.equal(again[0], images) and len(list((tmp_path / "cache").iterdir())) == 1
+    assert torch.equal(again[0], images) and len(list((tmp_path / "cache").glob("*.pt"))) == 1
     labels = torch.arange(10) % 3
     mk = lambda train: augment.CachedImageBatches(images, heights, widths, labels, (0.5,) * 3, (0.25,) * 3, 4, train,
                                                   CPU, seed=1, out=16, resize=18)
@@ -190,19 +191,32 @@ def test_cached_image_batches_follow_the_batches_conventions(tmp_path):
     assert torch.allclose(x.mean((2, 3)), expected, atol=0.05)
 
 
-def test_cached_file_batches_for_a_cub_task(tmp_path):
-    """The CUB path the loop can use on CUDA: a task split of a CUB tree, decoded once."""
+def _cub(tmp_path, size=(30, 20), **counts):
+    """A fake CUB tree of smooth images (ramps, so that resampling paths can be compared)."""
     import sys
     from pathlib import Path
+
+    from PIL import Image
 
     sys.path.insert(0, str(Path(__file__).parent))
     from fakedata import make_cub
 
     from refilled.data import load_dataset
+
+    made = make_cub(tmp_path, size=size, **counts)
+    w, h = size
+    for k, (_, rel, c, _) in enumerate(made["rows"]):
+        ramp = torch.stack([torch.linspace(0, 255, w).expand(h, w), torch.linspace(255, 0, h)[:, None].expand(h, w),
+                            torch.full((h, w), 40.0 * c + k)])
+        Image.fromarray(ramp.permute(1, 2, 0).round().to(torch.uint8).numpy()).save(made["dir"] / "images" / rel)
+    return load_dataset("cub200", tmp_path, verify_checksums=False)
+
+
+def test_cached_file_batches_for_a_cub_task(tmp_path):
+    """The CUB path the loop uses on CUDA: a task split of a CUB tree, decoded once."""
     from refilled.data.batches import task_split
 
-    make_cub(tmp_path, n_classes=3, n_train_per_class=4, n_test_per_class=1, size=(30, 20))
-    ds = load_dataset("cub200", tmp_path, verify_checksums=False)
+    ds = _cub(tmp_path, n_classes=3, n_train_per_class=4, n_test_per_class=1)
     split = task_split(ds.train, [2, 0])
     b = augment.cached_file_batches(split, ds, 3, True, CPU, seed=0, size=24, out=16, cache_dir=tmp_path / "c")
     assert len(b) == 2
@@ -210,6 +224,101 @@ def test_cached_file_batches_for_a_cub_task(tmp_path):
     assert all(x.shape == (3, 3, 16, 16) for x in xs)
     labels = torch.cat(ys)
     assert len(labels) == 6 and set(labels.tolist()) <= {0, 1}   # 8 images, batch 3: the last partial batch dropped
+    # one cache for the whole training split (12 images), not one per task
+    (cache,) = (tmp_path / "c").glob("images_24px_*.pt")
+    assert len(torch.load(cache, weights_only=True)["images"]) == 12
     test = augment.cached_file_batches(task_split(ds.test, [2, 0]), ds, 8, False, CPU, size=24, out=16)
     (x, y), = list(test)
     assert x.shape == (2, 3, 16, 16) and y.tolist() == task_split(ds.test, [2, 0]).labels.tolist()
+
+
+def test_batches_take_the_device_path_for_files(tmp_path):
+    """`Batches` over CUB files with gpu_augment (the CUDA default): the cached, batched path;
+    its evaluation crop matches torchvision's Resize(256) + CenterCrop(224) of the file
+    within resampling error, and epochs are reproducible."""
+    from refilled.data.batches import Batches, task_split
+
+    ds = _cub(tmp_path, size=(300, 240), n_classes=2, n_train_per_class=3, n_test_per_class=2)
+    train = task_split(ds.train, [1, 0])
+    test = task_split(ds.test, [1, 0])
+    cache = tmp_path / "cache"
+    mk = lambda s, bs, tr, gpu: Batches(s, ds, bs, tr, CPU, seed=3, gpu_augment=gpu, cache_dir=cache)
+    plain, fast = mk(test, 4, False, False), mk(test, 4, False, True)
+    assert plain.cached is None and fast.cached is not None
+    (xp, yp), = list(plain)
+    (xf, yf), = list(fast)
+    assert torch.equal(yp, yf) and xf.shape == xp.shape == (4, 3, 224, 224)
+    # normalised units (1 = one std, about 60 grey levels); JPEG and resampling differ a little
+    assert (xf - xp).abs().mean() < 0.01 and (xf - xp)[..., 2:-2, 2:-2].abs().max() < 0.1   # a 5 px shift: 0.05 mean
+    b = mk(train, 2, True, True)
+    assert len(b) == len(mk(train, 2, True, False)) == 3
+    b.set_epoch(1)
+    first = [x for x, _ in b]
+    assert all(x.shape == (2, 3, 224, 224) for x in first)
+    b.set_epoch(2)
+    assert not all(torch.equal(a, c) for a, c in zip(first, [x for x, _ in b]))
+    b.set_epoch(1)
+    assert all(torch.equal(a, c) for a, c in zip(first, [x for x, _ in b]))
+    assert sorted(p.name.split("_")[1] for p in cache.glob("*.pt")) == ["256px", "256px"]   # train, test
+
+
+def test_image_cache_is_reused_and_follows_the_files(tmp_path, monkeypatch):
+    from PIL import Image
+
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (20, 10 + i), (60 * i, 0, 0)).save(paths[-1])
+    calls = []
+    real = augment.decode_fixed
+    monkeypatch.setattr(augment, "decode_fixed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = augment.load_or_decode(paths, 8, tmp_path / "c")
+    again = augment.load_or_decode(paths, 8, tmp_path / "c")
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+    Image.new("RGB", (20, 10), (255, 255, 255)).save(paths[0])    # a file changed: decoded again
+    os.utime(paths[0], ns=(1, 1))
+    changed = augment.load_or_decode(paths, 8, tmp_path / "c")
+    assert len(calls) == 2 and changed[0][0].float().mean() == 255 and changed[1][0] == 10
+    monkeypatch.setenv("REFILLED_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert augment.default_cache_dir() == tmp_path / "elsewhere"
+
+
+def test_concurrent_jobs_decode_an_image_folder_once(tmp_path, monkeypatch):
+    """Two jobs asking for the same cache at once: one decodes, the other waits and reads it."""
+    import threading
+    import time
+
+    from PIL import Image
+
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for p in paths:
+        Image.new("RGB", (9, 9)).save(p)
+    calls = []
+    real = augment.decode_fixed
+
+    def slow(*a, **k):
+        calls.append(1)
+        time.sleep(0.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(augment, "decode_fixed", slow)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(augment.load_or_decode(paths, 8, tmp_path / "c")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 2 and torch.equal(results[0][0], results[1][0])
+
+
+def test_undecodable_image_is_named_and_no_cache_is_written(tmp_path):
+    from refilled.data import DataError
+    from refilled.data.batches import Batches, task_split
+
+    ds = _cub(tmp_path, n_classes=2, n_train_per_class=2, n_test_per_class=1)
+    bad = ds.train.paths[1]
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=str(bad)):
+        Batches(task_split(ds.train, [0, 1]), ds, 2, True, CPU, gpu_augment=True, cache_dir=tmp_path / "c")
+    assert not list((tmp_path / "c").glob("*.pt")) and not list((tmp_path / "c").glob("*.tmp*"))

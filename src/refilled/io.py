@@ -70,13 +70,14 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def load_tensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint without ever unpickling code (weights_only=True)."""
+def load_tensors(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
+    """Load a checkpoint without ever unpickling code (weights_only=True); `mmap` maps the
+    tensors' storage from the file instead of reading it (rows are read when touched)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise CheckpointError(
             f"refusing to load {path}: not a tensors-only checkpoint or corrupt ({type(exc).__name__}: "

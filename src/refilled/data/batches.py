@@ -2,13 +2,18 @@
 
 In-memory datasets (Fashion-MNIST, CIFAR-100) stay uint8 on the training device and are
 augmented batch-wise there (random crop from a zero-padded image, horizontal flip), so
-the CPU and CUDA paths run the same code. CUB goes through per-image PIL transforms.
+the CPU and CUDA paths run the same code. CUB (files) on CUDA: decoded once into a uint8
+cache (`refilled.augment`, stored in `refilled.augment.default_cache_dir()`) and augmented
+batch-wise on the GPU (RandomResizedCrop + flip; Resize + CenterCrop for evaluation); on
+the CPU, by default, per-image PIL transforms through a DataLoader (``gpu_augment=True``
+takes the cached path there too).
 Every random draw comes from a generator seeded by (seed, epoch): an epoch's batches do
 not depend on what ran before it, which is what makes resume exact.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -63,20 +68,33 @@ def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator)
     return out.permute(0, 3, 1, 2)
 
 
+def decode_workers() -> int:
+    """Worker processes for the one-off decode of an image folder: the cores we may use, up to 8."""
+    return min(8, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else min(8, os.cpu_count() or 1)
+
+
 class Batches:
     """Iterable over (images float32 normalised, task labels) on `device` for one epoch."""
 
     def __init__(self, split: TaskSplit, dataset: Dataset, batch_size: int, train: bool, device: torch.device,
-                 seed: int = 0, pad: int = 4, num_workers: int = 0):
+                 seed: int = 0, pad: int = 4, num_workers: int = 0, gpu_augment: bool | None = None,
+                 cache_dir=None):
         self.split, self.batch_size, self.train = split, batch_size, train
         self.device, self.seed, self.pad, self.num_workers = torch.device(device), seed, pad, num_workers
         self.epoch = 0
         self.in_memory = isinstance(split.source, ArraySplit)
         self.mean = torch.tensor(dataset.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(dataset.std, device=self.device).view(1, 3, 1, 1) * 255
+        self.cached = None       # files augmented on the device: a CachedImageBatches
         if self.in_memory:
             self.images = split.source.images[split.indices].to(self.device)
             self.labels = split.labels.to(self.device)
+        elif (self.device.type == "cuda") if gpu_augment is None else gpu_augment:
+            from refilled import augment
+
+            self.cached = augment.cached_file_batches(
+                split, dataset, batch_size, train, self.device, seed, cache_dir=cache_dir or augment.default_cache_dir(),
+                num_workers=num_workers or decode_workers())
         else:
             sub = FileSplit([split.source.paths[i] for i in split.indices.tolist()], split.labels)
             self.files = FileImageDataset(sub, cub_transforms(train))
@@ -92,6 +110,9 @@ class Batches:
     def __iter__(self):
         if self.in_memory:
             yield from self._iter_memory()
+        elif self.cached is not None:
+            self.cached.set_epoch(self.epoch)
+            yield from self.cached
         else:
             yield from self._iter_files()
 
