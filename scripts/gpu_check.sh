@@ -13,10 +13,12 @@
 # Without them the training stage is reported as failed and the rest still runs.
 #
 # Output: everything under $OUT (default runs/gpu_check): gpu_check.log, bench.csv,
-# fmnist/ (split, runs, accuracy.csv). Exit status: the number of failed stages.
+# fmnist/epochs<E>_per<N>/ (split, runs, accuracy.csv). Exit status: the number of failed stages.
 #
 #   OUT=/tmp/check scripts/gpu_check.sh            # all stages
 #   STAGES="tests bench" scripts/gpu_check.sh      # a subset: env tests bench fmnist
+# Knobs of the training stage: SEEDS (0 1 2), DEVICES (cuda cpu), EPOCHS (4), PER_CLASS
+# (1000 training images per class), TRAIN_ARGS (extra train-teacher flags, e.g. --no-checksum).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +29,8 @@ STAGES=${STAGES:-env tests bench fmnist}
 SEEDS=${SEEDS:-0 1 2}
 DEVICES=${DEVICES:-cuda cpu}      # the training stage's devices (compared when both ran)
 EPOCHS=${EPOCHS:-4}
+PER_CLASS=${PER_CLASS:-1000}
+TRAIN_ARGS=${TRAIN_ARGS:-}
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -96,7 +100,7 @@ sys.exit(main(['--device', 'cuda', '--config', 'full', '--seconds', '1', '--conc
 fi
 
 fmnist() {
-  local dir="$OUT/fmnist" root="$DATA_ROOT"
+  local dir="$OUT/fmnist/epochs${EPOCHS}_per${PER_CLASS}" root="$DATA_ROOT"   # a rerun with other knobs starts afresh
   if ! ls "$root"/fashion-mnist/train-images-idx3-ubyte* >/dev/null 2>&1; then
     echo "Fashion-MNIST not found in $root/fashion-mnist: bring the four IDX files (see the top of this script)"
     return 3
@@ -107,19 +111,22 @@ fmnist() {
   local device seed
   for device in $DEVICES; do
     for seed in $SEEDS; do
-      "$PY" -m refilled.cli train-teacher --split "$dir/split.json" --arch wrn-16-1 --epochs "$EPOCHS" --per-class 1000 \
+      "$PY" -m refilled.cli train-teacher --split "$dir/split.json" --arch wrn-16-1 --epochs "$EPOCHS" --per-class "$PER_CLASS" $TRAIN_ARGS \
         --batch-size 128 --lr 0.05 --schedule cosine --eval-every "$EPOCHS" --seed "$seed" --device "$device" \
         --data-root "$root" --profile gpu_check --out "$dir/teacher_${device}_seed${seed}" || return 1
     done
   done
-  "$PY" - "$dir" <<'EOF'
-import json, math, sys
+  "$PY" - "$dir" $SEEDS <<'EOF'
+import json, math, os, sys
 from pathlib import Path
-d = Path(sys.argv[1])
+d, seeds = Path(sys.argv[1]), sys.argv[2:]
 acc = {dev: [] for dev in ("cuda", "cpu")}
 rows = ["device,seed,test_acc,seconds"]
 for dev in acc:
-    for p in sorted(d.glob(f"teacher_{dev}_seed*/summary.json")):
+    for seed in seeds:    # the seeds of this call only, not what an earlier call left in $OUT
+        p = d / f"teacher_{dev}_seed{seed}" / "summary.json"
+        if not p.exists():
+            continue
         s = json.loads(p.read_text())
         acc[dev].append(100 * s["test_acc"])
         rows.append(f"{dev},{s['seed']},{s['test_acc']:.4f},{s['seconds']}")
@@ -128,7 +135,8 @@ def ms(v):
     m = sum(v) / len(v)
     sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
     return m, sd
-print("Fashion-MNIST teacher (5 classes, 1000 per class, WRN-(16,1)), test accuracy per seed:")
+print(f"Fashion-MNIST teacher (5 classes, {os.environ['PER_CLASS']} images per class, WRN-(16,1), "
+      f"{os.environ['EPOCHS']} epochs), test accuracy per seed:")
 for dev, v in acc.items():
     if v:
         m, sd = ms(v)
@@ -148,7 +156,7 @@ EOF
 
 if wants fmnist; then
   export -f fmnist
-  export PY OUT DATA_ROOT SEEDS DEVICES EPOCHS
+  export PY OUT DATA_ROOT SEEDS DEVICES EPOCHS PER_CLASS TRAIN_ARGS
   stage "Fashion-MNIST: CUDA vs CPU accuracy" 110 bash -c fmnist
 fi
 
