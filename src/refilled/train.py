@@ -135,8 +135,9 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
         seconds = time.perf_counter() - began
         due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
         scores = evaluate() if due else {}
+        train_acc = {"train_acc": round(correct / max(seen, 1), 6)} if method.trains_classifier else {}
         rows.append({"epoch": epoch + 1, "lr": lr, **{k: round(v, 6) for k, v in terms.items()},
-                     "loss": round(sum(terms.values()), 6), "train_acc": round(correct / max(seen, 1), 6),
+                     "loss": round(sum(terms.values()), 6), **train_acc,
                      **{k: round(v, 6) for k, v in scores.items()}, "seconds": round(seconds, 3)})
         write_csv(run_dir / METRICS_FILE, rows, list(dict.fromkeys(k for row in rows for k in row)))
         save_tensors(run_dir / RESUME_FILE, {"fingerprint": fingerprint, "epoch": epoch + 1, "rows": rows,

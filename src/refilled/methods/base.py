@@ -9,6 +9,7 @@ class Method(nn.Module):
     """`student` is the network being trained; subclasses may hold a frozen `teacher`."""
 
     name = "base"
+    trains_classifier = True    # False: the student's head is untouched, its accuracy means nothing
 
     def __init__(self, student: nn.Module):
         super().__init__()

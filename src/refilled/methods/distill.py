@@ -28,6 +28,7 @@ class ComparisonMatching(TeacherMethod):
     """Stage 1: match the teacher's similarity comparisons over tuples (embedding only)."""
 
     name = "stage1"
+    trains_classifier = False   # embedding only: metrics report NCM accuracy, not the head's
 
     def __init__(self, student, teacher, k_hat: int | None = None, tau: float = 4.0, margin: float = 0.2,
                  scale: float = 1000.0):
