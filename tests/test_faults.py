@@ -975,6 +975,21 @@ def test_doctor_reports_versions_device_data_remote_and_the_incomplete_run(sick_
     assert snapshot(repo.parent) == before, "doctor writes nothing"
 
 
+def test_doctor_reports_the_image_cache_and_a_killed_decode(sick_tree, tmp_path, monkeypatch):
+    cache = tmp_path / "image-cache"
+    monkeypatch.setenv("REFILLED_CACHE_DIR", str(cache))
+    rc, text = doctor(sick_tree["repo"])
+    assert rc == 0 and any(f"{cache}: 0 split(s)" in x for x in lines(text, "info", "cache")), text
+    cache.mkdir()
+    (cache / "images_256px_0123456789abcdef.pt").write_bytes(b"x" * 3_000_000)
+    (cache / ".images_256px_fedcba9876543210.pt.k3j2.tmp").write_bytes(b"x" * 1_000_000)
+    rc, text = doctor(sick_tree["repo"])
+    assert rc == 0 and any(f"{cache}: 1 split(s), 4.0 MB" in x for x in lines(text, "info", "cache")), text
+    warn = lines(text, "warn", "cache")
+    assert len(warn) == 1 and "1 temporary file(s) left by a killed decode" in warn[0]
+    assert ".images_256px_fedcba9876543210.pt.k3j2.tmp" in text
+
+
 def test_doctor_exit_status_says_whether_something_is_broken(sick_tree, tmp_path):
     repo, remote = sick_tree["repo"], sick_tree["remote"]
     # a dataset only partly there

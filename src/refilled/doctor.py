@@ -8,6 +8,8 @@ One look at everything a failed or suspicious run depends on, without changing a
   missing); with ``--verify`` the full `refilled data check` (checksums, structure, labels);
 - the DVC default remote from ``.dvc/config`` (and ``.dvc/config.local``): a local
   directory is checked (exists, writable); any other kind of remote is "not checked";
+- the decoded-image cache (CUB on CUDA): where it is, how many splits and bytes it holds,
+  and temporary files a killed decode left there;
 - incomplete runs: run directories under ``--runs`` that hold ``resume.pt`` or
   ``metrics.csv`` but no ``summary.json`` (the completion marker), with their last finished
   epoch; temporary files left by a killed write; a Snakemake lock or incomplete-output
@@ -371,13 +373,30 @@ def check_snakemake(repo: Path) -> list[Finding]:
 # ------------------------------------------------------------------------------------------
 
 
+def check_image_cache(cache_dir: Path | None = None) -> list[Finding]:
+    if cache_dir is None:
+        from refilled.augment import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    caches = sorted(cache_dir.glob("images_*.pt")) if cache_dir.is_dir() else []
+    temps = sorted(cache_dir.glob(".images_*.tmp")) if cache_dir.is_dir() else []
+    size = sum(p.stat().st_size for p in caches + temps)
+    held = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+    findings = [Finding(INFO, "cache", f"decoded images (CUB on CUDA): {cache_dir}: {len(caches)} split(s), {held}"
+                                       + ("" if caches else " (filled by the first CUDA run)"))]
+    if temps:
+        findings.append(Finding(WARN, "cache", f"{len(temps)} temporary file(s) left by a killed decode (safe to delete "
+                                               "once nothing runs)", [str(t) for t in temps]))
+    return findings
+
+
 def diagnose(repo: Path = Path("."), data_root: Path | None = None, runs: Path | None = None,
              verify: bool = False, decode_limit: int | None = 8) -> list[Finding]:
     repo = Path(repo)
     data_root = Path(data_root) if data_root is not None else repo / "data" / "raw"
     runs = Path(runs) if runs is not None else repo / "results"
     return (check_versions() + check_device() + check_data(data_root, repo, verify, decode_limit)
-            + check_dvc(repo) + check_runs(runs) + check_snakemake(repo))
+            + check_image_cache() + check_dvc(repo) + check_runs(runs) + check_snakemake(repo))
 
 
 def format_findings(findings: list[Finding]) -> str:
