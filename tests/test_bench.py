@@ -65,6 +65,8 @@ def test_bf16_peaks_of_known_gpus():
     assert peak_for_name("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
     assert peak_for_name("NVIDIA H100 PCIe") == pytest.approx(756.0)
     assert peak_for_name("NVIDIA H200") == pytest.approx(989.4)
+    assert peak_for_name("NVIDIA H200 NVL") == pytest.approx(835.0)
+    assert peak_for_name("NVIDIA GH200 480GB") == pytest.approx(989.4)
     assert peak_for_name("Some GPU") is None
 
 

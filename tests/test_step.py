@@ -209,7 +209,7 @@ def test_non_finite_loss_names_epoch_step_and_terms(mode):
     data = batches(6)
     torch.manual_seed(0)
     method = Exploding(build_model("wrn-10-1", C), at=4)
-    step = TrainStep(method, CPU, graph=mode, check_every=1, warmup_steps=0)
+    step = TrainStep(method, CPU, graph=mode, check_every=1)   # warm-up calls are undone (buffers restored)
     step.begin_epoch(2, 0.1)
     with pytest.raises(NonFiniteLoss, match=r"epoch 3, step 4: ce=nan") as info:
         for x, y in data:
@@ -280,6 +280,13 @@ def test_other_batch_shape_runs_eagerly_and_the_graph_stays_valid():
         assert seen == 2 * B + 6
     for (k, a), b in zip(m_eager.state_dict().items(), m_graph.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+
+
+def test_capture_needs_a_warm_up_step():
+    """Without one, the captured SGD would be a first step forever (momentum dropped) and
+    the accumulators would be created, and zeroed, inside the graph."""
+    with pytest.raises(ValueError, match="warmup_steps must be at least 1, got 0"):
+        TrainStep(make_method("ce"), CPU, graph="emulate", warmup_steps=0)
 
 
 def test_graph_on_needs_cuda():

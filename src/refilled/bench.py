@@ -52,13 +52,14 @@ COLUMNS = ["kind", "student", "teacher", "px", "batch", "jobs", "ref_img_s", "ou
            "device", "notes"]
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s; matched
-# against torch.cuda.get_device_name() in this order.
+# against torch.cuda.get_device_name() in this order (a name containing another first).
 BF16_PEAK_TFLOPS = (
-    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("H200 NVL", 835.0),
+    ("H200", 989.4),        # SXM
     ("H100 NVL", 835.0),
     ("H100 PCIe", 756.0),
     ("H100", 989.4),        # SXM5
-    ("GH200", 989.4),
     ("A100", 312.0),
     ("L40S", 362.05),
     ("A10G", 70.0),
@@ -433,8 +434,6 @@ def run_ours(case: Case, cfg: Config, data: _Data, device: torch.device, graph: 
     from refilled.train import NAN_CHECK_EVERY
 
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
     method = build_method(case, device)
     batches = _our_batches(case, cfg, data, device)
     stream = _endless(batches)
@@ -500,6 +499,8 @@ def bench_rows(cfg: Config, device: torch.device, reference: bool = True, eager:
                workdir: Path | None = None, log=print, on_row=None) -> list[dict]:
     """One row per case of `cfg`; `on_row(rows)` after each (to save partial results)."""
     eager = device.type == "cuda" if eager is None else eager
+    if device.type == "cuda":   # for both pipelines, so that neither row depends on which ran first
+        torch.backends.cudnn.benchmark = True
     peak = peak_bf16_tflops(device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     with tempfile.TemporaryDirectory(prefix="refilled-bench-") as tmp:
@@ -597,15 +598,19 @@ def concurrent_rows(cfg: Config, device: torch.device, jobs_list: list[int], cas
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     rows = []
+    if device.type == "cuda":
+        torch.cuda.empty_cache()    # leave the GPU's memory to the children
     for jobs in jobs_list:
         with tempfile.TemporaryDirectory(prefix="refilled-conc-") as tmp:
             go = Path(tmp) / "go"
-            procs = []
+            procs, logs = [], []
             for j in range(jobs):
                 spec = {"device": str(device), "case": asdict(case), "config": cfg.name, "seconds": seconds,
                         "ready": str(Path(tmp) / f"ready{j}"), "go": str(go)}
+                # files, not pipes: a child must never block on output nobody reads while we wait
+                logs.append((open(Path(tmp) / f"out{j}", "w+"), open(Path(tmp) / f"err{j}", "w+")))
                 procs.append(subprocess.Popen([sys.executable, "-m", "refilled.bench", "--child", json.dumps(spec)],
-                                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                              env=env, stdout=logs[-1][0], stderr=logs[-1][1], text=True))
             deadline = time.time() + 600
             while not all((Path(tmp) / f"ready{j}").exists() for j in range(jobs)):
                 if any(p.poll() not in (None, 0) for p in procs) or time.time() > deadline:
@@ -613,8 +618,12 @@ def concurrent_rows(cfg: Config, device: torch.device, jobs_list: list[int], cas
                 time.sleep(0.01)
             go.write_text("go")
             results, errors = [], []
-            for p in procs:
-                out, err = p.communicate(timeout=900)
+            for p, (out_f, err_f) in zip(procs, logs):
+                p.wait(timeout=900)
+                with out_f, err_f:
+                    out_f.seek(0)
+                    err_f.seek(0)
+                    out, err = out_f.read(), err_f.read()
                 if p.returncode == 0:
                     results.append(json.loads(out.strip().splitlines()[-1]))
                 else:

@@ -98,6 +98,8 @@ class TrainStep:
                 graph = "off"
         if graph == "on" and not cuda:
             raise ValueError("graph='on' needs a CUDA device; use 'emulate' to run the capture procedure on the CPU")
+        if warmup_steps < 1:    # the first SGD step and the accumulators must exist before capture
+            raise ValueError(f"warmup_steps must be at least 1, got {warmup_steps}")
         self.mode = graph
         self.amp = cuda if amp is None else amp
         self.channels_last = cuda if channels_last is None else channels_last
@@ -256,10 +258,23 @@ class TrainStep:
                 self._restore(snap)
                 self.optimizer.zero_grad(set_to_none=True)
                 graph = torch.cuda.CUDAGraph()
-                # thread_local: a DataLoader pin-memory thread allocating pinned memory meanwhile
-                # neither breaks the capture nor gets an error (the default 'global' would)
-                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                    self._body(sx, sy)
+                caller_stream = torch.cuda.current_stream(self.device)
+                body_error = None
+                try:
+                    # thread_local: a DataLoader pin-memory thread allocating pinned memory meanwhile
+                    # neither breaks the capture nor gets an error (the default 'global' would)
+                    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                        try:
+                            self._body(sx, sy)
+                        except Exception as exc:   # report this, not the "invalid capture" that follows
+                            body_error = exc
+                except Exception:
+                    # a failing capture_end skips the stream context's exit: go back to the caller's stream
+                    torch.cuda.set_stream(caller_stream)
+                    if body_error is None:
+                        raise
+                if body_error is not None:
+                    raise body_error
                 self._graph, self._replay = graph, graph.replay
             else:   # emulate: the same procedure, replay = run the step function on the static buffers
                 for _ in range(self.warmup_steps):
