@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     pin.add_argument("--threads", type=int, default=0, help="CPU cores for this job (0: no CPU pinning)")
     pin.add_argument("--lock-dir", type=Path, default=None, help="where the slot lock files live (default: a per-user temp dir)")
     pin.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the refilled command to run")
-    pin.set_defaults(func=cmd_pin)
+    pin.set_defaults(func=_cmd_pin)
 
     table = sub.add_parser("table", help="a paper table (1, 2 or 4) from run summaries: wide CSV, long CSV, Markdown",
                            description="Tables 1 and 2: one block per overlap ratio, methods as rows, student "
@@ -374,85 +374,10 @@ def cmd_prepare_data(args) -> int:
     return 0
 
 
-_HELD_SLOTS: list = []   # open lock files: a slot is held as long as this process lives
+def _cmd_pin(args) -> int:
+    from refilled.pin import cmd_pin
 
-
-def _count_gpus(spec: str) -> int:
-    import os
-    import shutil
-    import subprocess
-
-    if spec != "auto":
-        n = int(spec)
-        if n < 0:
-            raise ValueError(f"--gpus must be >= 0 or auto, got {spec}")
-        return n
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
-
-
-def _take_slot(lock_dir: Path, names: list[str]) -> int:
-    """Index of the first free slot among `names` (blocking until one is free); the lock is kept."""
-    import fcntl
-    import time
-
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    waited = False
-    while True:
-        for i, name in enumerate(names):
-            f = open(lock_dir / f"{name}.lock", "a")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.close()
-                continue
-            _HELD_SLOTS.append(f)
-            return i
-        if not waited:
-            print(f"refilled pin: all {len(names)} slots in {lock_dir} are busy; waiting", file=sys.stderr, flush=True)
-            waited = True
-        time.sleep(1.0)
-
-
-def cmd_pin(args) -> int:
-    import os
-    import tempfile
-
-    rest = list(args.rest)
-    if rest and rest[0] == "--":
-        rest = rest[1:]
-    if not rest or rest[0] == "pin":
-        raise ValueError("pin needs a refilled command to run after '--', e.g. pin --threads 1 -- train-teacher ...")
-    if args.per_gpu < 1 or args.threads < 0:
-        raise ValueError("--per-gpu must be >= 1 and --threads >= 0")
-    lock_dir = args.lock_dir or Path(tempfile.gettempdir()) / f"refilled-slots-{os.getuid()}"
-    n_gpus = _count_gpus(args.gpus)
-    if n_gpus > 0:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(n_gpus)]
-        ids = ids[:n_gpus]
-        # slot s -> GPU s % n: the first jobs spread over the GPUs
-        slots = [f"gpu{ids[s % n_gpus]}-slot{s // n_gpus}" for s in range(n_gpus * args.per_gpu)]
-        gpu = ids[_take_slot(lock_dir, slots) % n_gpus]
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-        print(f"refilled pin: GPU {gpu}", file=sys.stderr, flush=True)
-    if args.threads and hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        n_slots = len(cores) // args.threads
-        if n_slots >= 1:
-            k = _take_slot(lock_dir, [f"cpu{cores[s * args.threads]}-x{args.threads}" for s in range(n_slots)])
-            mine = cores[k * args.threads:(k + 1) * args.threads]
-            os.sched_setaffinity(0, mine)
-            print(f"refilled pin: CPU cores {mine}", file=sys.stderr, flush=True)
-    return main(rest)
+    return cmd_pin(args)
 
 
 def cmd_table(args) -> int:
