@@ -3,7 +3,8 @@
 - The dry run of results/table2.csv (and of `all`) on the `paper` profile has exactly the
   jobs its grid implies, counted here from config/paper.yaml by an enumeration of our own.
 - A wrong key, type or value in a profile stops the run with a message naming it.
-- `refilled pin` gives concurrent jobs different GPU slots and waits when all are taken.
+- The Snakefile limits the GPU jobs at once to GPUs x slots per GPU (`refilled pin`
+  itself is tested in tests/test_pin.py).
 - Every output dvc.yaml declares is made by the Snakemake DAG, and everything the DAG
   makes is under a DVC output.
 - End to end on the `smoke` profile, in a temporary clone of the working tree: every
@@ -19,7 +20,6 @@ The end-to-end fixture takes a few minutes on 2 CPU cores (marked slow; CI runs 
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
 import os
@@ -312,7 +312,7 @@ def test_table_command_means_stds_and_refuses_gaps_and_duplicates(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU slots: `refilled pin`
+# GPU slots (refilled pin itself: tests/test_pin.py)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -335,39 +335,6 @@ def test_gpu_slots_limit_the_gpu_jobs_snakemake_runs_at_once(tmp_path):
     assert f'gpu", {1 * slots})' in _provided_resources(tmp_path, "0")
     assert 'gpu", 1)' in _provided_resources(tmp_path, "0,1", ["--resources", "gpu=1"])   # the command line wins
     assert "gpu" not in _provided_resources(tmp_path, "")                      # no GPU: no limit, all on the CPU
-
-
-def _pin(lock_dir: Path, tmp: Path, name: str, gpus: int = 2, per_gpu: int = 1):
-    return subprocess.Popen([str(BIN / "refilled"), "pin", "--gpus", str(gpus), "--per-gpu", str(per_gpu),
-                             "--lock-dir", str(lock_dir), "--", "split", "--dataset", "fashion-mnist", "--ratio", "0",
-                             "--seed", "0", "--classes-per-task", "5", "--out", str(tmp / f"{name}.json")],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def test_pin_gives_each_job_a_free_gpu_slot_and_waits_when_all_are_taken(tmp_path):
-    locks = tmp_path / "locks"
-    locks.mkdir()
-    held = open(locks / "gpu0-slot0.lock", "a")
-    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)      # another job holds GPU 0
-    p = _pin(locks, tmp_path, "a")
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err
-    assert "refilled pin: GPU 1" in err                  # so this one runs on GPU 1
-    held1 = open(locks / "gpu1-slot0.lock", "a")
-    fcntl.flock(held1, fcntl.LOCK_EX | fcntl.LOCK_NB)    # now both GPUs are busy
-    p = _pin(locks, tmp_path, "b")
-    time.sleep(4)
-    assert p.poll() is None                              # it waits for a slot...
-    assert not (tmp_path / "b.json").exists()
-    fcntl.flock(held1, fcntl.LOCK_UN)
-    held1.close()
-    _, err = p.communicate(timeout=120)                  # ...and takes GPU 1 when it is freed
-    assert p.returncode == 0 and "refilled pin: GPU 1" in err and (tmp_path / "b.json").exists()
-    held.close()
-    # two slots per GPU: the first jobs spread over the GPUs
-    p = _pin(locks, tmp_path, "c", gpus=2, per_gpu=2)
-    _, err = p.communicate(timeout=120)
-    assert "refilled pin: GPU 0" in err
 
 
 # ------------------------------------------------------------------------------------------------
