@@ -13,7 +13,7 @@ from refilled.methods import CrossEntropy
 from refilled.methods.base import Method
 from refilled.methods.distill import AML, RKD, ComparisonMatching, LocalDistillation
 from refilled.models import build_model
-from refilled.step import NonFiniteLoss, TrainStep
+from refilled.step import NonFiniteLoss, TrainStep, graph_mode_from_env
 from refilled.train import OptimConfig, fit
 
 CPU = torch.device("cpu")
@@ -170,7 +170,15 @@ def test_eager_step_matches_the_plain_loop(name):
 
 
 def test_learning_rate_changes_reach_the_replayed_step():
-    """lr is a tensor updated in place: set to 0, a replay leaves the weights unchanged."""
+    """lr is a tensor updated in place: set to 0, a replay leaves the weights unchanged.
+
+    What this cannot see: an lr frozen at capture. The emulated replay calls the step
+    function again, and the optimiser reads its param group's lr anew at every call, so an
+    lr passed as a Python number (which a real CUDA graph would bake in at capture) still
+    changes here. The CPU check of that is the last assertion, that the param group holds
+    `step.lr` itself, the tensor `set_lr` fills in place; the frozen value itself is only
+    visible under a real graph, in tests/test_cuda.py
+    (test_graph_training_follows_eager_training_with_lr_changes, lr 0 after capture)."""
     data = batches(3)
     method = make_method("ce")
     step = TrainStep(method, CPU, lr=0.1, graph="emulate")
@@ -294,11 +302,29 @@ def test_graph_on_needs_cuda():
         TrainStep(make_method("ce"), CPU, graph="on")
 
 
-def test_graph_mode_from_environment(monkeypatch):
-    monkeypatch.setenv("REFILLED_CUDA_GRAPH", "0")
-    assert TrainStep(make_method("ce"), CPU).mode == "off"
+@pytest.mark.parametrize("value,default,expected", [
+    ("0", "on", "off"), ("false", "on", "off"), ("OFF", "on", "off"),
+    ("1", "off", "on"), ("true", "off", "on"), ("On", "off", "on"),
+    ("", "on", "on"), ("", "off", "off"),            # empty: the caller's default
+    ("junk", "on", "on"), ("junk", "off", "off"),    # not understood: the caller's default
+    (None, "on", "on"), (None, "off", "off"),        # unset
+])
+def test_graph_mode_from_environment(monkeypatch, value, default, expected):
+    """REFILLED_CUDA_GRAPH as graph_mode_from_env reads it (what graph="auto" uses on CUDA).
+    Each value is tried with both defaults, so a lookup that ignored the variable fails."""
+    if value is None:
+        monkeypatch.delenv("REFILLED_CUDA_GRAPH", raising=False)
+    else:
+        monkeypatch.setenv("REFILLED_CUDA_GRAPH", value)
+    assert graph_mode_from_env(default) == expected
+
+
+def test_graph_mode_from_environment_on_the_cpu(monkeypatch):
+    """On a CPU "auto" stays eager whatever the variable says; an explicit mode ignores it."""
     monkeypatch.setenv("REFILLED_CUDA_GRAPH", "1")
-    assert TrainStep(make_method("ce"), CPU).mode == "off"   # no CUDA here: auto stays eager
+    assert TrainStep(make_method("student"), CPU).mode == "off"
+    monkeypatch.setenv("REFILLED_CUDA_GRAPH", "0")
+    assert TrainStep(make_method("student"), CPU, graph="emulate").mode == "emulate"
 
 
 def _dataset():
