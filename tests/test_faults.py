@@ -53,7 +53,7 @@ from refilled.io import CheckpointError, load_tensors, read_json, save_tensors, 
 from refilled.methods import CrossEntropy, Method
 from refilled.models import build_model
 from refilled.step import NonFiniteLoss
-from refilled.train import NAN_CHECK_EVERY, OptimConfig, fit
+from refilled.train import OptimConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -757,10 +757,18 @@ class NaNAt(Method):
 
 
 @pytest.mark.parametrize("check_every", [1, None])
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, check_every):
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, check_every):
     """tests/test_step.py checks the message and the metrics rows; here also: how soon it stops,
-    and that resume.pt is intact, i.e. resuming from it gives the uninterrupted run."""
+    and that resume.pt is intact, i.e. resuming from it gives the uninterrupted run.
+
+    check_every=None is fit's default, REFILLED_NAN_CHECK_EVERY (50): with 6 steps an epoch
+    only the end-of-epoch check would fire, so the interval is set to 2 here; a NaN at step 3
+    must then stop the run at step 4, before the end of the epoch (step 6)."""
+    import refilled.train
+
+    monkeypatch.setattr(refilled.train, "NAN_CHECK_EVERY", 2)
     steps = len(train_batches(tiny_dataset()))
+    assert steps >= 6, "the NaN step and the check after it must come before the end-of-epoch check"
     run = tmp_path / "nan"
     made = []
     factory = lambda student: made.append(NaNAt(student, at=steps + 3)) or made[-1]   # epoch 2, step 3
@@ -769,8 +777,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, che
     msg = str(info.value)
     assert "non-finite loss at epoch 2, step 3: ce=nan" in msg and "epoch 1) is kept" in msg, msg
     assert (info.value.epoch, info.value.step, list(info.value.terms)) == (2, 3, ["ce"])
-    limit = 3 if check_every == 1 else min(steps, NAN_CHECK_EVERY)     # within the check interval
-    assert made[0].calls - steps <= limit, "the run stops at once, not at the end of the run"
+    interval = 1 if check_every == 1 else 2
+    stopped_at = made[0].calls - steps                 # the step of epoch 2 after which the run stopped
+    assert 3 <= stopped_at < 3 + interval, f"stopped after step {stopped_at}, not within {interval} of step 3"
     assert [int(r["epoch"]) for r in read_rows(run / "metrics.csv")] == [1]
     state = load_tensors(run / "resume.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["method"].values()
@@ -781,6 +790,15 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, che
     resumed, _ = fit_tiny(run, check_every=check_every)
     straight, _ = fit_tiny(tmp_path / "straight", check_every=check_every)
     assert_same_weights(resumed.state_dict(), straight.state_dict())
+
+
+def test_nan_check_interval_comes_from_the_environment(tmp_path):
+    """REFILLED_NAN_CHECK_EVERY sets refilled.train.NAN_CHECK_EVERY (read at import)."""
+    code = "from refilled.train import NAN_CHECK_EVERY; print(NAN_CHECK_EVERY)"
+    e = env()
+    e["REFILLED_NAN_CHECK_EVERY"] = "7"
+    proc = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "7", proc.stderr[-2000:]
 
 
 @pytest.mark.slow
