@@ -255,7 +255,8 @@ def test_split_writes_the_rule(tmp_path, capsys, ratio, h):
     assert main(["split", "--dataset", "fashion-mnist", "--ratio", str(ratio), "--seed", "3",
                  "--classes-per-task", str(h), "--out", str(out)]) == 0
     split = json.loads(out.read_text())
-    assert set(split) == {"teacher_classes", "student_classes", "dataset", "ratio", "seed", "classes_per_task"}
+    assert set(split) == {"teacher_classes", "student_classes", "dataset", "ratio", "seed", "classes_per_task",
+                          "class_order"}
     assert split["dataset"] == "fashion-mnist" and split["ratio"] == ratio and split["seed"] == 3
     assert split["classes_per_task"] == h
     t, s = split["teacher_classes"], split["student_classes"]
@@ -359,32 +360,32 @@ def test_data_check_missing_file(tmp_path):
 MULTISTEP_2 = [0.1, 0.02]     # x0.2 at 50% of 2 epochs
 COSINE_2 = [0.1, 0.055]       # 0.01 + 0.09 * (1 + cos(pi / 2)) / 2
 
-# name: (kind, method, loss columns, metric, lr per epoch, task)
+# name: (method, loss columns, metric, lr per epoch, task)
 RUNS = {
-    "teacher": ("teacher", "ce", ["ce"], "test_acc", MULTISTEP_2, "teacher"),
-    "stage1-inf": ("stage1", "stage1", ["cm"], "ncm_acc", COSINE_2, "student"),
-    "stage1-k1": ("stage1", "stage1", ["cm"], "ncm_acc", COSINE_2, "student"),
-    "stage2-refilled": ("stage2", "refilled", ["ce", "teach"], "test_acc", MULTISTEP_2, "student"),
-    "stage2-refilled-minus": ("stage2", "refilled-minus", ["ce", "teach"], "test_acc", MULTISTEP_2, "student"),
-    "stage2-refilled-emb": ("stage2", "refilled-emb", ["ce", "teach"], "test_acc", MULTISTEP_2, "student"),
-    "stage2-batch": ("stage2", "refilled", ["ce", "teach"], "test_acc", MULTISTEP_2, "student"),
-    "baseline-student": ("baseline", "student", ["ce"], "test_acc", MULTISTEP_2, "student"),
-    "baseline-rkd": ("baseline", "rkd", ["ce", "rkd_distance", "rkd_angle"], "test_acc", MULTISTEP_2, "student"),
-    "baseline-aml": ("baseline", "aml", ["ce", "aml"], "test_acc", MULTISTEP_2, "student"),
+    "teacher": ("student", ["ce"], "test_acc", MULTISTEP_2, "teacher"),
+    "stage1-inf": ("stage1", ["cm"], "ncm_acc", COSINE_2, "student"),
+    "stage1-k1": ("stage1", ["cm"], "ncm_acc", COSINE_2, "student"),
+    "stage2-refilled": ("refilled", ["ce", "teach"], "test_acc", MULTISTEP_2, "student"),
+    "stage2-refilled-minus": ("refilled-minus", ["ce", "teach"], "test_acc", MULTISTEP_2, "student"),
+    "stage2-refilled-emb": ("refilled-emb", ["ce", "teach"], "test_acc", MULTISTEP_2, "student"),
+    "stage2-batch": ("refilled", ["ce", "teach"], "test_acc", MULTISTEP_2, "student"),
+    "baseline-student": ("student", ["ce"], "test_acc", MULTISTEP_2, "student"),
+    "baseline-rkd": ("rkd", ["ce", "rkd_distance", "rkd_angle"], "test_acc", MULTISTEP_2, "student"),
+    "baseline-aml": ("aml", ["ce", "aml"], "test_acc", MULTISTEP_2, "student"),
 }
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_run_outputs(chain, name):
-    kind, method, terms, metric, lrs, task = RUNS[name]
+    method, terms, metric, lrs, task = RUNS[name]
     stdout = ok(chain.results[name])
     run = chain.dirs[name]
     split = chain.split
     classes = split[f"{task}_classes"]
-    assert f"{kind} {method} {ARCH} seed 0" in stdout
+    assert f"{method} ({task} task) {ARCH} seed 0" in stdout
 
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["kind"] == kind and summary["method"] == method and summary["arch"] == ARCH
+    assert summary["method"] == method and summary["arch"] == ARCH and "kind" not in summary
     assert summary["seed"] == 0 and summary["epochs"] == EPOCHS and summary["task"] == task
     assert summary["split"] == {"path": str(chain.split_path), **split}
     assert summary["optim"]["batch_size"] == 8
@@ -392,7 +393,7 @@ def test_run_outputs(chain, name):
     assert 0.0 <= summary[metric] <= 1.0
 
     rows = read_rows(run / "metrics.csv")
-    trains_head = kind != "stage1"    # stage 1 trains the embedding only: no head accuracy to report
+    trains_head = method != "stage1"    # stage 1 trains the embedding only: no head accuracy to report
     assert header(run / "metrics.csv") == ["epoch", "lr", *terms, "loss", *["train_acc"] * trains_head, metric,
                                            "seconds"]
     assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))
@@ -428,14 +429,15 @@ def test_stage1_records_k_hat(chain):
     for name, k in (("stage1-inf", None), ("stage1-k1", 1)):
         ok(chain.results[name])
         summary = json.loads((chain.dirs[name] / "summary.json").read_text())
-        assert summary["k_hat"] == k and summary["params"]["k_hat"] == k
+        assert summary["params"]["k_hat"] == k
         assert summary["params"]["teacher"] == str(chain.dirs["teacher"] / "model.pt")
 
 
-def test_stage1_rejects_k_hat_zero(chain):
-    with pytest.raises(SystemExit) as info:
-        main(["train-stage1", *map(str, chain.common()), "--teacher", "t.pt", "--k-hat", "0", "--out", "x"])
-    assert info.value.code == 2
+def test_stage1_rejects_k_hat_zero(chain, tmp_path):
+    rc, _, err = cli(["train-stage1", *map(str, chain.common()), "--teacher", "t.pt", "--k-hat", "0",
+                      "--out", tmp_path / "x"])
+    assert rc == 2 and "method stage1" in err and "k_hat='0'" in err and "an integer >= 1 or inf" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_teach_term_per_variant(chain):

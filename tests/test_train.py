@@ -10,7 +10,7 @@ import torch
 from refilled.data.batches import Batches, random_crop_flip, task_split
 from refilled.evaluate import accuracy
 from refilled.io import load_tensors
-from refilled.methods import CrossEntropy
+from refilled.methods.student import Student
 from refilled.models import build_model
 from refilled.train import OptimConfig, fit, lr_at
 
@@ -69,7 +69,7 @@ def _run(tmp_path, epochs, ds, seed=3):
     torch.manual_seed(seed)
     model = build_model("wrn-10-1", 4)
     cfg = OptimConfig(epochs=epochs, batch_size=8, lr=0.05)
-    last = fit(CrossEntropy(model), train, lambda: {"test_acc": accuracy(model, test, CPU)}, cfg, tmp_path, CPU, seed)
+    last = fit(Student(model), train, lambda: {"test_acc": accuracy(model, test, CPU)}, cfg, tmp_path, CPU, seed)
     return model, last
 
 
@@ -143,7 +143,7 @@ def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(tmp_path):
     model = build_model("wrn-10-1", 4)
     calls = []
     cfg = OptimConfig(epochs=5, batch_size=8, lr=0.05, eval_every=2)
-    fit(CrossEntropy(model), train, lambda: calls.append(1) or {"test_acc": 0.5}, cfg, tmp_path, CPU, 0)
+    fit(Student(model), train, lambda: calls.append(1) or {"test_acc": 0.5}, cfg, tmp_path, CPU, 0)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [r["test_acc"] for r in rows] == ["", "0.5", "", "0.5", "0.5"]
     assert len(calls) == 3

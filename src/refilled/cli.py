@@ -16,16 +16,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-checksum", action="store_true", help="skip checksum verification of the dataset files")
 
 
-def _k_hat(value: str) -> int | None:
-    if value in ("inf", "none", "None"):
-        return None
-    k = int(value)
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"--k-hat must be >= 1 or inf, got {value}")
-    return k
-
-
-def _add_train_args(p: argparse.ArgumentParser, schedule: str = "multistep") -> None:
+def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", required=True, type=Path, help="split JSON written by `refilled split`")
     p.add_argument("--arch", required=True, help="e.g. wrn-40-2, wrn-16-1, mobilenet-0.75")
     _add_data_args(p)
@@ -34,8 +25,9 @@ def _add_train_args(p: argparse.ArgumentParser, schedule: str = "multistep") -> 
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--schedule", choices=("multistep", "cosine"), default=schedule,
-                   help="multistep: x0.2 at 50%%, 70%%, 90%% of the epochs; cosine: down to 0.1*lr")
+    p.add_argument("--schedule", choices=("multistep", "cosine"), default=None,
+                   help="multistep: x0.2 at 50%%, 70%%, 90%% of the epochs; cosine: down to 0.1*lr "
+                        "(default: the method's recipe, cosine for stage 1, multistep otherwise)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for file datasets (CUB)")
     p.add_argument("--eval-every", type=int, default=1,
@@ -75,46 +67,68 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--ratio", required=True, type=float, help="overlap |C & C'| / |C|")
     split.add_argument("--seed", required=True, type=int)
     split.add_argument("--classes-per-task", type=int, default=None, help="h (default: half the classes)")
+    split.add_argument("--class-order", choices=("seeded", "authors"), default="seeded",
+                       help="class order pi: a permutation drawn from the seed (default), or the authors' fixed "
+                            "order (cifar100: CIFAR-FS train, val, test; cub200: class ids)")
     split.add_argument("--out", required=True, type=Path)
     split.set_defaults(func=cmd_split)
 
-    teacher = sub.add_parser("train-teacher", help="train a teacher on the teacher classes of a split",
+    from refilled.methods import CATALOG
+
+    train = sub.add_parser("train", help="train any method of the catalog (refilled.methods.catalog)",
+                           description="Train METHOD on the student classes of a split (or, with --task teacher, "
+                                       "on its teacher classes). Hyper-parameters are the method's declaration "
+                                       "(`refilled methods` lists them); change one with --set KEY=VALUE.")
+    _add_train_args(train)
+    train.add_argument("--method", required=True, choices=list(CATALOG), help="a method of the catalog")
+    train.add_argument("--teacher", type=Path, help="model.pt of the teacher run (methods that need one)")
+    train.add_argument("--init", type=Path, help="model.pt of the run this method starts from (e.g. stage 1)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                       help="a hyper-parameter of the method (repeatable), checked against its declaration")
+    train.add_argument("--task", choices=("student", "teacher"), default="student",
+                       help="the split's classes to learn (teacher: how a teacher is trained, with method student)")
+    train.set_defaults(func=cmd_train)
+
+    # Thin aliases of `train`, kept for the commands of earlier versions; their method flags
+    # are derived from the catalog's declarations.
+    teacher = sub.add_parser("train-teacher", help="alias: train --method student --task teacher",
                              description="Train a teacher with cross-entropy on the split's teacher classes.")
     _add_train_args(teacher)
-    teacher.set_defaults(func=cmd_train_teacher)
+    teacher.set_defaults(func=cmd_train, method="student", task="teacher", teacher=None, init=None, sets=[])
 
-    stage1 = sub.add_parser("train-stage1", help="REFILLED stage 1: comparison matching of the student's embedding",
+    stage1 = sub.add_parser("train-stage1", help="alias: train --method stage1 (REFILLED stage 1)",
                             description="Train the student's embedding to match the frozen teacher's similarity "
                                         "comparisons over semi-hard tuples; logs stage-1 loss and NCM accuracy.")
-    _add_train_args(stage1, schedule="cosine")
+    _add_train_args(stage1)
     stage1.add_argument("--teacher", required=True, type=Path, help="model.pt of the teacher run")
-    stage1.add_argument("--k-hat", type=_k_hat, default=None, help="max negatives per tuple: an integer or inf (default)")
-    stage1.add_argument("--tau", type=float, default=4.0, help="tuple temperature tau1")
-    stage1.add_argument("--margin", type=float, default=0.2, help="semi-hard margin")
-    stage1.add_argument("--scale", type=float, default=1000.0, help="loss scale (the authors use 1000)")
-    stage1.set_defaults(func=cmd_train_stage1)
+    _add_hparam_flags(stage1, ["stage1"])
+    stage1.set_defaults(func=cmd_train, method="stage1", task="student", init=None, sets=[])
 
-    stage2 = sub.add_parser("train-stage2", help="REFILLED stage 2: local classifier distillation",
+    variants = [e.name for e in CATALOG.values() if e.starts_from == "stage1"]
+    stage2 = sub.add_parser("train-stage2", help="alias: train --method VARIANT (REFILLED stage 2)",
                             description="Fine-tune the stage-1 student with CE + the teacher's embedding-induced local "
                                         "classifier, weighted per instance; writes lambda_i.csv.")
     _add_train_args(stage2)
     stage2.add_argument("--teacher", required=True, type=Path)
     stage2.add_argument("--init", required=True, type=Path, help="model.pt of the stage-1 run")
-    stage2.add_argument("--variant", required=True, choices=("refilled", "refilled-minus", "refilled-emb"),
-                        help="adaptive lambda_i / constant lambda / lambda = 0")
-    stage2.add_argument("--lam", type=float, default=2.0, help="lambda (default 2)")
-    stage2.add_argument("--tau", type=float, default=2.0, help="temperature tau2")
-    stage2.add_argument("--centers", choices=("fixed", "batch"), default="fixed",
-                        help="teacher class centres computed once (fixed) or from each batch")
-    stage2.set_defaults(func=cmd_train_stage2)
+    stage2.add_argument("--variant", required=True, choices=variants, dest="method",
+                        help=", ".join(f"{v}: {CATALOG[v].label}" for v in variants))
+    _add_hparam_flags(stage2, variants)
+    stage2.set_defaults(func=cmd_train, task="student", sets=[])
 
-    base = sub.add_parser("train-baseline", help="a baseline student: CE only, RKD or AML",
-                          description="Train a student from scratch with the stage-2 recipe: CE only (student), "
-                                      "RKD (Park et al. 2019) or AML (asymmetric metric learning).")
+    baselines = [e.name for e in CATALOG.values() if e.in_tables and e.starts_from is None]
+    base = sub.add_parser("train-baseline", help="alias: train --method M for the methods trained from scratch",
+                          description="Train a student from scratch with the stage-2 recipe: "
+                                      + ", ".join(f"{b} ({CATALOG[b].label})" for b in baselines) + ".")
     _add_train_args(base)
-    base.add_argument("--method", required=True, choices=("student", "rkd", "aml"))
-    base.add_argument("--teacher", type=Path, help="model.pt of the teacher run (rkd, aml)")
-    base.set_defaults(func=cmd_train_baseline)
+    base.add_argument("--method", required=True, choices=baselines)
+    base.add_argument("--teacher", type=Path, help="model.pt of the teacher run (methods that need one)")
+    base.set_defaults(func=cmd_train, task="student", init=None, sets=[])
+
+    methods = sub.add_parser("methods", help="list the catalog: methods, their hyper-parameters and defaults",
+                             description="The catalog (src/refilled/methods/catalog.py) as a Markdown table; "
+                                         "the README's method table is this output.")
+    methods.set_defaults(func=cmd_methods)
 
     ncm = sub.add_parser("ncm", help="NCM accuracy of a model's embedding on one task of a split",
                          description="Nearest-class-mean accuracy (cosine, class means from the training images, "
@@ -235,50 +249,60 @@ def cmd_split(args) -> int:
     from refilled.data.splits import make_split
     from refilled.io import write_json
 
-    split = make_split(args.dataset, args.ratio, args.seed, args.classes_per_task)
+    split = make_split(args.dataset, args.ratio, args.seed, args.classes_per_task, args.class_order)
     write_json(args.out, split)
     print(f"{args.out}: teacher {split['teacher_classes']} student {split['student_classes']}")
     return 0
 
 
-def _spec(args):
-    from refilled.runs import RunSpec
+def _add_hparam_flags(p: argparse.ArgumentParser, methods: list[str]) -> None:
+    """--<key> flags for the settable hyper-parameters of `methods` (an alias's flags)."""
+    from refilled.methods import CATALOG
 
-    return RunSpec(split=args.split, arch=args.arch, out=args.out, epochs=args.epochs, seed=args.seed,
+    flags = {}
+    for name in methods:
+        for key, hp in CATALOG[name].settable.items():
+            flags.setdefault(key, hp)
+    for key, hp in flags.items():
+        p.add_argument(f"--{key.replace('_', '-')}", dest=f"hp_{key}", default=None, metavar="VALUE",
+                       help=f"{hp.meaning} ({hp.allowed()}; default {hp.format(hp.parse(hp.default, key))})")
+
+
+def _overrides(args) -> dict:
+    """--set KEY=VALUE and an alias's --<key> flags, as {key: text}."""
+    out = {}
+    for item in args.sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        out[key.strip().replace("-", "_")] = value.strip()
+    out.update({k[3:]: v for k, v in vars(args).items() if k.startswith("hp_") and v is not None})
+    return out
+
+
+def cmd_train(args) -> int:
+    from refilled.methods import get
+    from refilled.runs import RunSpec, train
+
+    entry = get(args.method)
+    overrides = _overrides(args)
+    entry.resolve(overrides)   # a bad key or value stops here, before any data is read or file written
+    spec = RunSpec(split=args.split, arch=args.arch, out=args.out, epochs=args.epochs, seed=args.seed,
                    data_root=Path(args.data_root), per_class=args.per_class, verify_checksums=not args.no_checksum,
-                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
-                   device=args.device, num_workers=args.num_workers, eval_every=args.eval_every,
-                   profile=args.profile)
-
-
-def _report(summary: dict) -> int:
+                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                   schedule=args.schedule or entry.schedule, device=args.device, num_workers=args.num_workers,
+                   eval_every=args.eval_every, profile=args.profile)
+    summary = train(spec, args.method, args.teacher, args.init, overrides, task=args.task)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.endswith("_acc"))
-    print(f"{summary['kind']} {summary.get('method')} {summary['arch']} seed {summary['seed']}: {scores}")
+    print(f"{summary['method']} ({summary['task']} task) {summary['arch']} seed {summary['seed']}: {scores}")
     return 0
 
 
-def cmd_train_teacher(args) -> int:
-    from refilled.runs import train_teacher
+def cmd_methods(args) -> int:
+    from refilled.methods.catalog import protocol_table
 
-    return _report(train_teacher(_spec(args)))
-
-
-def cmd_train_stage1(args) -> int:
-    from refilled.runs import train_stage1
-
-    return _report(train_stage1(_spec(args), args.teacher, args.k_hat, args.tau, args.margin, args.scale))
-
-
-def cmd_train_stage2(args) -> int:
-    from refilled.runs import train_stage2
-
-    return _report(train_stage2(_spec(args), args.teacher, args.init, args.variant, args.lam, args.tau, args.centers))
-
-
-def cmd_train_baseline(args) -> int:
-    from refilled.runs import train_baseline
-
-    return _report(train_baseline(_spec(args), args.method, args.teacher))
+    print(protocol_table(), end="")
+    return 0
 
 
 def cmd_ncm(args) -> int:

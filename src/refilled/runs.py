@@ -1,6 +1,6 @@
-"""One function per kind of run (teacher, stage 1, stage 2, baseline): load the split,
-the data and the teacher, build the method, train it through `train.fit`, and write
-`model.pt`, then `summary.json` last, so a summary's presence means the run finished."""
+"""One training run of any catalog method: load the split, the data, the teacher and the
+starting model the catalog asks for, build the method, train it through `train.fit`, and
+write `model.pt`, then `summary.json` last, so a summary's presence means the run finished."""
 
 from __future__ import annotations
 
@@ -13,19 +13,16 @@ from pathlib import Path
 import torch
 
 from refilled import __version__
+from refilled import finished as finished_mod
 from refilled.checkpoints import load_model, save_model
 from refilled.data import load_dataset
 from refilled.data.batches import Batches, task_split
 from refilled.data.splits import SplitError, check_split
-from refilled.evaluate import accuracy, forward_all, ncm_accuracy, true_class_probability
-from refilled.io import CheckpointError, read_json, write_csv, write_json
-from refilled.methods import CrossEntropy
-from refilled.methods.distill import AML, RKD, ComparisonMatching, LocalDistillation, batch_centers
+from refilled.evaluate import accuracy, forward_all, ncm_accuracy
+from refilled.io import CheckpointError, read_json, write_json
+from refilled.methods import catalog
 from refilled.models import build_model
-from refilled.train import RESUME_FILE, OptimConfig, fit, resolve_device, run_fingerprint, set_cpu_threads
-
-VARIANT_WEIGHTING = {"refilled": "adaptive", "refilled-minus": "constant", "refilled-emb": "none"}
-BASELINES = ("student", "rkd", "aml")
+from refilled.train import RESUME_FILE, RUN_FORMAT, OptimConfig, fit, resolve_device, run_fingerprint, set_cpu_threads
 
 
 @dataclass
@@ -48,7 +45,6 @@ class RunSpec:
     num_workers: int = 0
     eval_every: int = 1
     profile: str = "manual"
-    params: dict = field(default_factory=dict)  # method-specific settings, recorded and resume-checked
 
 
 def read_split(path: Path) -> dict:
@@ -98,25 +94,26 @@ class Context:
         _, te_emb, te_y = forward_all(model, self.test, self.device)
         return {"ncm_acc": ncm_accuracy(tr_emb, tr_y, te_emb, te_y, len(self.classes))}
 
-    def fit(self, method, evaluate, kind: str, summary: dict, finish=None) -> dict:
-        """Train, save the model, run `finish()` (extra outputs and metrics), write summary.json."""
+    def fit(self, method, method_name: str, params: dict, evaluate, finish) -> dict:
+        """Prepare the method, train, save the model, run `finish()` (extra outputs and
+        metrics), write summary.json; a finished run with this configuration is returned as is."""
         spec = self.spec
         cfg = OptimConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
                           weight_decay=spec.weight_decay, schedule=spec.schedule, eval_every=spec.eval_every,
-                          extra={"kind": kind, "arch": spec.arch, "split": self.split, "per_class": spec.per_class,
-                                 **spec.params})
+                          extra={"method": method_name, "task": self.task, "arch": spec.arch, "split": self.split,
+                                 "per_class": spec.per_class, "params": params})
         finished = self._finished_run(run_fingerprint(cfg, spec.seed))
         if finished is not None:
             return finished
         began = time.time()
+        method.prepare(self)
         last = fit(method, self.train, evaluate, cfg, spec.out, self.device, spec.seed)
         save_model(spec.out / "model.pt", method.student, spec.arch, self.classes)
-        extra = finish() if finish else {}
+        extra = finish()
         full = {
-            "kind": kind, "arch": spec.arch, "task": self.task, **summary,
+            "method": method_name, "task": self.task, "arch": spec.arch, "params": params,
             **{k: v for k, v in last.items() if k.endswith("_acc")}, **extra,
             "split": {"path": str(spec.split), **self.split}, "seed": spec.seed, "epochs": spec.epochs,
-            "params": spec.params,
             "optim": {"batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
                       "schedule": cfg.schedule},
             "data": {"root": str(spec.data_root), "per_class": spec.per_class, "train": self.train.split.describe(),
@@ -125,16 +122,21 @@ class Context:
             "fingerprint": run_fingerprint(cfg, spec.seed),
         }
         write_json(spec.out / "summary.json", full)
+        finished_mod.archive(spec.out)   # hard links in .finished/: survives --rerun-incomplete (refilled.finished)
         (spec.out / RESUME_FILE).unlink(missing_ok=True)
         return full
-
 
     def _finished_run(self, fingerprint: dict) -> dict | None:
         """The summary of a finished run with this configuration; refuse one with another."""
         path = self.spec.out / "summary.json"
         if not path.exists():
-            return None
+            return finished_mod.restore(self.spec.out, fingerprint)   # outputs deleted after the run finished
         summary = read_json(path)
+        old = summary.get("fingerprint", {}).get("format")
+        if old != RUN_FORMAT:
+            raise CheckpointError(f"{self.spec.out} holds a run written by an older refilled (run format {old or 1}, "
+                                  f"this version writes format {RUN_FORMAT}); it is neither reused nor retrained: "
+                                  f"delete the directory to train it again, or choose another --out")
         if summary.get("fingerprint") != json.loads(json.dumps(fingerprint)):
             raise CheckpointError(f"{self.spec.out} holds a finished run with another configuration; "
                                   f"delete the directory or choose another --out")
@@ -147,73 +149,42 @@ def environment(device) -> dict:
             "refilled": __version__, "host": platform.node(), "threads": torch.get_num_threads()}
 
 
-def train_teacher(spec: RunSpec) -> dict:
-    ctx = Context(spec, "teacher")
-    model = ctx.new_student()
-    return ctx.fit(CrossEntropy(model), lambda: ctx.test_accuracy(model), "teacher", {"method": "ce"})
+def train(spec: RunSpec, method_name: str, teacher_path: Path | None = None, init_path: Path | None = None,
+          overrides: dict | None = None, task: str = "student") -> dict:
+    """Train catalog method `method_name` on the split's `task` classes (the teacher is the
+    Student method on the teacher task). `overrides` are `--set` values, checked against the
+    method's HPARAMS; the resolved values, the teacher and the init are in the fingerprint."""
+    entry = catalog.get(method_name)
+    values = entry.resolve(overrides)
+    if entry.teacher and teacher_path is None:
+        raise ValueError(f"method {method_name} needs --teacher (a teacher run's model.pt)")
+    if not entry.teacher and teacher_path is not None:
+        raise ValueError(f"method {method_name} uses no teacher; drop --teacher")
+    if entry.starts_from and init_path is None:
+        raise ValueError(f"method {method_name} starts from a {entry.starts_from} run: give --init (its model.pt)")
+    if not entry.starts_from and init_path is not None:
+        raise ValueError(f"method {method_name} trains from scratch; drop --init")
+    ctx = Context(spec, task)
+    if task == "student" and not entry.applies(ctx.split["teacher_classes"], ctx.classes):
+        raise ValueError(f"method {method_name} needs teacher and student on the same classes; split {spec.split} "
+                         f"has teacher {ctx.split['teacher_classes']} and student {ctx.classes}")
+    teacher = ctx.load_teacher(teacher_path) if entry.teacher else None
+    if init_path is not None:
+        student, _ = load_model(init_path, arch=spec.arch, num_classes=len(ctx.classes))
+    else:
+        student = ctx.new_student()
+    method = entry.build(student, teacher, values)
+    params = {**values, "teacher": None if teacher_path is None else str(teacher_path),
+              "init": None if init_path is None else str(init_path)}
+    scored_by_test = entry.scored_by == "test_acc"
 
-
-def train_stage1(spec: RunSpec, teacher_path: Path, k_hat: int | None, tau: float = 4.0, margin: float = 0.2,
-                 scale: float = 1000.0) -> dict:
-    """Comparison matching; the student's embedding only. Logs NCM accuracy per epoch."""
-    spec.params = {"teacher": str(teacher_path), "k_hat": k_hat, "tau": tau, "margin": margin, "scale": scale}
-    ctx = Context(spec, "student")
-    student = ctx.new_student()
-    method = ComparisonMatching(student, ctx.load_teacher(teacher_path), k_hat, tau, margin, scale)
-    return ctx.fit(method, lambda: ctx.ncm(student), "stage1", {"method": "stage1", **spec.params})
-
-
-
-
-def train_stage2(spec: RunSpec, teacher_path: Path, init_path: Path, variant: str, lam: float = 2.0,
-                 tau: float = 2.0, centers: str = "fixed") -> dict:
-    """Local classifier distillation from the stage-1 student; writes lambda_i.csv for Figure 3."""
-    if variant not in VARIANT_WEIGHTING:
-        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANT_WEIGHTING)}")
-    if centers not in ("fixed", "batch"):
-        raise ValueError(f"centers must be 'fixed' or 'batch', got {centers!r}")
-    spec.params = {"teacher": str(teacher_path), "init": str(init_path), "variant": variant, "lam": lam,
-                   "tau": tau, "centers": centers}
-    ctx = Context(spec, "student")
-    teacher = ctx.load_teacher(teacher_path)
-    student, _ = load_model(init_path, arch=spec.arch, num_classes=len(ctx.classes))
-    _, t_emb, t_labels = forward_all(teacher, ctx.train_plain, ctx.device)  # un-augmented student images
-    fixed = batch_centers(t_emb, t_labels, len(ctx.classes))
-    method = LocalDistillation(student, teacher, fixed if centers == "fixed" else None,
-                               VARIANT_WEIGHTING[variant], lam, tau)
+    def evaluate():
+        return ctx.test_accuracy(student) if scored_by_test else ctx.ncm(student)
 
     def finish():
-        write_lambda_dump(ctx, t_emb, t_labels, fixed, method, spec.out / "lambda_i.csv")
-        return ctx.ncm(student)
+        extra = method.finish(ctx)
+        if task == "student" and scored_by_test:
+            extra.update(ctx.ncm(student))
+        return extra
 
-    return ctx.fit(method, lambda: ctx.test_accuracy(student), "stage2", {"method": variant, **spec.params}, finish)
-
-
-def write_lambda_dump(ctx: Context, emb, y, centers, method: LocalDistillation, path: Path) -> None:
-    """λ_i of every training instance from its teacher embedding, all student classes as the local set."""
-    p_true = true_class_probability(emb, centers, y, method.tau)
-    scale = {"adaptive": method.lam * p_true, "constant": torch.full_like(p_true, method.lam),
-             "none": torch.zeros_like(p_true)}[method.weighting]
-    seen = set(ctx.split["teacher_classes"])
-    rows = [{"index": int(i), "label": int(label), "class": ctx.classes[label], "seen": int(ctx.classes[label] in seen),
-             "p_teacher_true": round(float(p), 6), "lambda_i": round(float(lam_i), 6)}
-            for i, label, p, lam_i in zip(ctx.train_plain.split.indices.tolist(), y.tolist(), p_true, scale)]
-    write_csv(path, rows, list(rows[0]))
-
-
-def train_baseline(spec: RunSpec, method_name: str, teacher_path: Path | None) -> dict:
-    """student (CE only), rkd or aml, from scratch, with the stage-2 recipe."""
-    if method_name not in BASELINES:
-        raise ValueError(f"unknown baseline {method_name!r}; choose from {', '.join(BASELINES)}")
-    if method_name != "student" and teacher_path is None:
-        raise ValueError(f"baseline {method_name} needs --teacher")
-    spec.params = {"teacher": str(teacher_path) if method_name != "student" else None}
-    ctx = Context(spec, "student")
-    student = ctx.new_student()
-    if method_name == "student":
-        method = CrossEntropy(student)
-    else:
-        teacher = ctx.load_teacher(teacher_path)
-        method = RKD(student, teacher) if method_name == "rkd" else AML(student, teacher)
-    return ctx.fit(method, lambda: ctx.test_accuracy(student), "baseline", {"method": method_name, **spec.params},
-                   lambda: ctx.ncm(student))
+    return ctx.fit(method, method_name, params, evaluate, finish)

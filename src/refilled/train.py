@@ -32,7 +32,7 @@ except ImportError:   # a bare PyTorch image (scripts/gpu_check.sh): no progress
         return iterable
 
 from refilled.io import CheckpointError, load_tensors, save_tensors, write_csv
-from refilled.methods import Method
+from refilled.methods.base import Method
 from refilled.step import NonFiniteLoss, TrainStep
 
 __all__ = ["OptimConfig", "NonFiniteLoss", "TrainStep", "fit", "lr_at", "resolve_device", "run_fingerprint",
@@ -65,9 +65,14 @@ class OptimConfig:
             raise ValueError(f"schedule must be 'multistep' or 'cosine', got {self.schedule!r}")
 
 
+# Version of what a fingerprint holds. 2: runs of catalog methods (method, task and every
+# resolved hyper-parameter in `extra`); directories of format 1 are refused, not reused.
+RUN_FORMAT = 2
+
+
 def run_fingerprint(cfg: OptimConfig, seed: int) -> dict:
     """Everything that must match for a run directory to be resumed or reused."""
-    return {"optim": asdict(cfg), "seed": seed}
+    return {"format": RUN_FORMAT, "optim": asdict(cfg), "seed": seed}
 
 
 def lr_at(cfg: OptimConfig, epoch: int) -> float:

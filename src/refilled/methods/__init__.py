@@ -1,8 +1,8 @@
-"""Training methods. Each holds the model it trains (and a frozen teacher where it has
-one) and returns `(logits, {term name: loss})` for a batch; the loop sums the terms."""
+"""Training methods: one file per method (its class and its `HPARAMS`), one line per
+method in `catalog.py`. This package imports no torch; the method classes are imported
+by the catalog when a run builds them."""
 
-from refilled.methods.base import CrossEntropy, Method
+from refilled.methods.catalog import CATALOG, Entry, get, registered, table_methods
+from refilled.methods.params import HParam, ParamError
 
-METHODS = {"ce": CrossEntropy}
-
-__all__ = ["METHODS", "CrossEntropy", "Method"]
+__all__ = ["CATALOG", "Entry", "HParam", "ParamError", "get", "registered", "table_methods"]
