@@ -15,9 +15,14 @@ Public API
 - ``pairwise_distances(emb)``: Euclidean distances between L2-normalised rows.
 - ``semihard_triplets(embeddings, labels, margin)``: index tensors ``(a, p, n)``.
 - ``semihard_mask(dist, labels, margin)``: bool ``[B, B, B]`` mask ``m[a, p, n]``.
-- ``comparison_matching_loss(student_emb, teacher_emb, labels, tau, margin, k_hat)``.
+- ``tuple_mask(dist, labels, margin, k_hat, k_mode)``: bool ``[B, B, B]`` negatives kept
+  per ``(a, p)`` tuple (``k_mode``: ``"per-pair"`` or the authors' ``"batch-min"``).
+- ``comparison_matching_loss(student_emb, teacher_emb, labels, tau, margin, k_hat,
+  k_mode="per-pair")``.
+- ``teacher_confidence(teacher_logits)`` -> ``w_i``; ``confidence_weights(teacher_logits,
+  lam)`` -> the authors' adaptive ``lambda_i`` (GKD ``Train.py``, ``wgkd``).
 - ``local_distillation_loss(student_logits, teacher_emb, centers, labels, tau, lam,
-  weighting) -> (loss, lambda_i)``.
+  weighting, teacher_logits=None, kl_scale="none") -> (loss, lambda_i)``.
 - ``rkd_terms(student_emb, teacher_emb) -> (dist, angle)`` and ``rkd_loss(...)``.
 - ``aml_loss(student_emb, teacher_emb, labels, projection, margin)``.
 """
@@ -34,15 +39,24 @@ __all__ = [
     "pairwise_distances",
     "semihard_triplets",
     "semihard_mask",
+    "tuple_mask",
     "comparison_matching_loss",
+    "K_MODES",
+    "teacher_confidence",
+    "confidence_weights",
     "local_distillation_loss",
     "WEIGHTINGS",
+    "KL_SCALES",
     "rkd_terms",
     "rkd_loss",
     "aml_loss",
 ]
 
-WEIGHTINGS = ("adaptive", "constant", "none")
+WEIGHTINGS = ("confidence", "true-class", "constant", "none")
+# alias removed by the catalog rewiring
+_WEIGHTING_ALIASES = {"adaptive": "true-class"}
+KL_SCALES = ("none", "tau2")
+K_MODES = ("per-pair", "batch-min")
 
 
 def _fp32(device: torch.device):
@@ -161,6 +175,49 @@ def _keep_closest(mask: torch.Tensor, dist: torch.Tensor, k_hat: int | None) -> 
     return mask & chosen
 
 
+def _keep_first_batch_min(mask: torch.Tensor, k_hat: int | None) -> torch.Tensor:
+    """The authors' K (GKD ``utils/triplet.py``, ``merge``): one K for the whole batch.
+
+    ``K = min K'(a, p)`` over the ``(a, p)`` pairs that have at least one semi-hard
+    negative (the pairs that appear in the miner's output); every such pair keeps its
+    first K negatives in the miner's order, which is ascending ``n`` (the miner's triplets
+    come from ``torch.where`` over the ``[a, p, n]`` cube, so they are sorted by
+    ``(a, p, n)``). ``k_hat`` (if given) caps K further: ``K = min(K, k_hat)``.
+
+    Static shape, no host sync: ranks are a cumsum along ``n``, K stays a 0-d tensor.
+    """
+    B = mask.shape[-1]
+    counts = mask.sum(dim=-1)  # K'(a, p), int64
+    has_any = counts > 0
+    k = torch.where(has_any, counts, torch.full_like(counts, B + 1)).amin()
+    if k_hat is not None:
+        k = k.clamp(max=int(k_hat))
+    rank = mask.cumsum(dim=-1)  # 1-based rank of n among (a, p)'s negatives, in n order
+    return mask & (rank <= k)
+
+
+def tuple_mask(
+    dist: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float = 0.2,
+    k_hat: int | None = None,
+    k_mode: str = "per-pair",
+) -> torch.Tensor:
+    """Bool ``[B, B, B]`` cube ``keep[a, p, n]``: the negatives each ``(a, p)`` tuple holds.
+
+    ``dist``: the ``[B, B]`` distances the tuples are mined on (the student's).
+    ``k_mode="per-pair"``: ``K = min(K', k_hat)`` per pair, the ``k_hat`` semi-hard
+    negatives closest to the anchor (``k_hat=None``: all of them).
+    ``k_mode="batch-min"``: the authors' ``merge``: see :func:`_keep_first_batch_min`.
+    """
+    if k_mode not in K_MODES:
+        raise ValueError(f"k_mode must be one of {K_MODES}, got {k_mode!r}")
+    mask = semihard_mask(dist, labels, margin)
+    if k_mode == "batch-min":
+        return _keep_first_batch_min(mask, k_hat)
+    return _keep_closest(mask, dist, k_hat)
+
+
 # --------------------------------------------------------------------------------------
 # Stage 1: comparison matching
 # --------------------------------------------------------------------------------------
@@ -210,14 +267,20 @@ def comparison_matching_loss(
     tau: float = 4.0,
     margin: float = 0.2,
     k_hat: int | None = None,
+    k_mode: str = "per-pair",
 ) -> torch.Tensor:
     """REFILLED stage-1 loss: mean over tuples of KL(p_T || p_S), unscaled.
 
     Tuples are mined without grad on the student's L2-normalised embedding: for every
     ordered pair ``(a, p)`` (``a != p``, same label) the semi-hard negatives are ``n``
     with another label and ``0 < d(a, n) - d(a, p) <= margin`` (:func:`semihard_mask`).
-    If a pair has ``K' > k_hat`` of them, the ``k_hat`` closest to the anchor (student
-    distance) are kept; ``k_hat=None`` keeps all; a pair with none gives no tuple.
+    A pair with none gives no tuple. How many negatives a tuple keeps (:func:`tuple_mask`):
+
+    - ``k_mode="per-pair"`` (default): if a pair has ``K' > k_hat`` of them, the ``k_hat``
+      closest to the anchor (student distance) are kept; ``k_hat=None`` keeps all.
+    - ``k_mode="batch-min"`` (the authors' GKD ``merge``): one ``K`` for the batch, the
+      smallest ``K'`` over the pairs that have any; each pair keeps its first ``K``
+      negatives in the miner's order (ascending index ``n``); ``k_hat`` caps ``K``.
 
     For each tuple, teacher and student alike, ``p = softmax([-d(a,p), -d(a,n_1), ...,
     -d(a,n_K)] / tau)`` with ``d`` the Euclidean distance between that model's
@@ -231,14 +294,15 @@ def comparison_matching_loss(
         if isinstance(k_hat, bool) or not isinstance(k_hat, numbers.Integral) or k_hat < 1:
             raise ValueError(f"k_hat must be a positive int or None, got {k_hat!r}")
         k_hat = int(k_hat)
+    if k_mode not in K_MODES:
+        raise ValueError(f"k_mode must be one of {K_MODES}, got {k_mode!r}")
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
     with _fp32(student_emb.device):
         d_s = pairwise_distances(student_emb)
         with torch.no_grad():
             d_t = pairwise_distances(teacher_emb.detach())
-            mask = semihard_mask(d_s.detach(), labels, margin)
-            keep = _keep_closest(mask, d_s.detach(), k_hat)
+            keep = tuple_mask(d_s.detach(), labels, margin, k_hat, k_mode)
         kl, valid = _tuple_kl_from_distances(d_s, d_t, keep, tau)
         count = valid.sum().clamp(min=1)
         return torch.where(valid, kl, torch.zeros_like(kl)).sum() / count
@@ -249,14 +313,57 @@ def comparison_matching_loss(
 # --------------------------------------------------------------------------------------
 
 
+def teacher_confidence(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``w_i = -log max_k softmax(teacher_logits_i)_k`` (shape ``[B]``, fp32, no grad).
+
+    ``teacher_logits``: the teacher's own head over its classes C' (temperature 1). This
+    is the authors' ``CrossEntropyLoss(reduction='none')(logits, argmax(logits))`` in GKD
+    ``Train.py`` (``wgkd``): small for confident instances, ``log |C'|`` at most.
+    """
+    _check_2d("teacher_logits", teacher_logits)
+    with torch.no_grad(), _fp32(teacher_logits.device):
+        return -torch.log_softmax(teacher_logits.detach().float(), dim=1).amax(dim=1)
+
+
+def confidence_weights(teacher_logits: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """The authors' adaptive weights ``lambda_i`` (GKD ``Train.py``, ``wgkd``), shape ``[B]``.
+
+    ``w = teacher_confidence(teacher_logits)``; min-max normalised within the batch,
+    ``w~ = (w - min w) / (max w - min w)``; ``lambda_i = lam * 2 * sigmoid(-w~_i)``, in
+    ``[0.538 lam, lam]``. When all ``w`` are equal (a batch of one, say) ``w~ = 0`` and
+    every ``lambda_i = lam`` (the authors' code divides 0 by 0 there and gets NaN).
+    Branch-free (``torch.where`` on the range, no host sync) and detached.
+    """
+    w = teacher_confidence(teacher_logits)
+    with torch.no_grad(), _fp32(w.device):
+        lo, hi = w.amin(), w.amax()
+        span = hi - lo
+        positive = span > 0
+        w_norm = torch.where(positive, (w - lo) / torch.where(positive, span, torch.ones_like(span)),
+                             torch.zeros_like(w))
+        return lam * 2.0 * torch.sigmoid(-w_norm)
+
+
+def _resolve_weighting(weighting: str) -> str:
+    weighting = _WEIGHTING_ALIASES.get(weighting, weighting)  # alias removed by the catalog rewiring
+    if weighting not in WEIGHTINGS:
+        raise ValueError(
+            "weighting must be one of 'confidence', 'true-class' (alias 'adaptive'), 'constant', 'none'; "
+            f"got {weighting!r}"
+        )
+    return weighting
+
+
 def local_distillation_loss(
     student_logits: torch.Tensor,
     teacher_emb: torch.Tensor,
     centers: torch.Tensor,
     labels: torch.Tensor,
-    tau: float = 2.0,
+    tau: float = 1.0,
     lam: float = 2.0,
-    weighting: str = "adaptive",
+    weighting: str = "confidence",
+    teacher_logits: torch.Tensor | None = None,
+    kl_scale: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """REFILLED stage-2 teaching term (cross-entropy NOT included).
 
@@ -265,16 +372,24 @@ def local_distillation_loss(
       The centres are L2-normalised here (idempotent if the caller already did).
     - Local classes L: those present in the batch (bool mask over C, static shape).
     - Teacher local logits ``<phi_T(x_i), c_k>``, student local logits = its logits, both
-      restricted to L and divided by ``tau``; softmax over L only (classes outside L get
-      probability exactly 0).
-    - ``lambda_i = lam * p_T(y_i | x_i)`` (``"adaptive"``; p_T is the tempered local
-      teacher distribution above), ``lam`` (``"constant"``) or 0 (``"none"``); detached.
-    - ``loss = tau**2 * mean_i lambda_i * KL(p_T,i || p_S,i)``.
+      restricted to L and divided by ``tau`` (both sides, as in the authors' CVPR code;
+      their GKD code divides only the teacher's, with tau = 1 by default); softmax over L
+      only (classes outside L get probability exactly 0).
+    - ``lambda_i`` (detached), by ``weighting``:
+      ``"confidence"`` (the authors' GKD ``wgkd``): :func:`confidence_weights` of
+      ``teacher_logits``, the teacher's own head over C' ``[B, C']`` (required);
+      ``"true-class"``: ``lam * p_T(y_i | x_i)`` with p_T the tempered local teacher
+      distribution above (this project's earlier reading); ``"constant"``: ``lam``
+      (REFILLED-minus, the authors' ``gkd``); ``"none"``: 0.
+    - ``loss = s * mean_i lambda_i * KL(p_T,i || p_S,i)`` with ``s = 1``
+      (``kl_scale="none"``, the authors') or ``s = tau**2`` (``kl_scale="tau2"``, Hinton's
+      gradient-scale correction: this project's earlier reading).
 
     Returns ``(loss, lambda_i)`` with ``lambda_i`` of shape ``[B]``.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    weighting = _resolve_weighting(weighting)
+    if kl_scale not in KL_SCALES:
+        raise ValueError(f"kl_scale must be one of {KL_SCALES}, got {kl_scale!r}")
     _check_2d("student_logits", student_logits)
     _check_2d("teacher_emb", teacher_emb)
     _check_2d("centers", centers)
@@ -288,6 +403,15 @@ def local_distillation_loss(
     _check_labels(labels, B)
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
+    if weighting == "confidence":
+        if teacher_logits is None:
+            raise ValueError(
+                "weighting='confidence' needs teacher_logits (the teacher's own head over its "
+                "classes C', shape [B, C']); pass them, or choose 'true-class', 'constant' or 'none'"
+            )
+        _check_2d("teacher_logits", teacher_logits)
+        if teacher_logits.shape[0] != B:
+            raise ValueError("teacher_logits and student_logits must have the same batch size")
     with _fp32(student_logits.device):
         labels = labels.to(student_logits.device)
         classes = torch.arange(C, device=student_logits.device)
@@ -298,7 +422,9 @@ def local_distillation_loss(
             t_logits = teacher_emb.detach().float() @ c.t()
             logp_t = torch.log_softmax(t_logits.masked_fill(~present, neg_inf) / tau, dim=1)
             p_t = logp_t.exp()
-            if weighting == "adaptive":
+            if weighting == "confidence":
+                lam_i = confidence_weights(teacher_logits.to(p_t.device), lam)
+            elif weighting == "true-class":
                 lam_i = lam * p_t.gather(1, labels[:, None]).squeeze(1)
             elif weighting == "constant":
                 lam_i = torch.full((B,), float(lam), device=p_t.device)
@@ -309,7 +435,8 @@ def local_distillation_loss(
         )
         terms = torch.where(present[None, :], p_t * (logp_t - logp_s), torch.zeros_like(logp_s))
         kl = terms.sum(dim=1)
-        loss = tau**2 * (lam_i * kl).mean()
+        scale = tau**2 if kl_scale == "tau2" else 1.0
+        loss = scale * (lam_i * kl).mean()
     return loss, lam_i
 
 
