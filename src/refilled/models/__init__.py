@@ -44,8 +44,18 @@ def parse_arch(name: str) -> tuple[str, tuple]:
     raise _bad(name, "malformed name")
 
 
-def build_model(name: str, num_classes: int) -> nn.Module:
+def build_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """The network ``name`` (see :func:`parse_arch`) with a head over ``num_classes``.
+
+    ``dropout``: WRN only, the rate of the dropout between the two convolutions of every
+    block (the authors' 0.3); 0 (default) builds the network without it. MobileNet-v1 has
+    no dropout (neither has the authors' ``networks/mobile_net.py``): a nonzero value for
+    it is a ValueError rather than silently ignored.
+    """
     family, args = parse_arch(name)
     if family == "wrn":
-        return WideResNet(*args, num_classes=num_classes)
+        return WideResNet(*args, num_classes=num_classes, dropout=dropout)
+    if dropout:
+        raise ValueError(f"{name}: MobileNet-v1 has no dropout (the authors' MobileNet has none); "
+                         f"got dropout={dropout}, use 0")
     return MobileNetV1(*args, num_classes=num_classes)

@@ -37,22 +37,29 @@ def init_weights(model: nn.Module) -> None:
 
 
 class BasicBlock(nn.Module):
-    """Pre-activation block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, 1x1 conv shortcut when shapes differ."""
+    """Pre-activation block: BN-ReLU-conv3x3-BN-ReLU-[dropout]-conv3x3, 1x1 conv shortcut when
+    shapes differ. ``dropout > 0`` puts ``nn.Dropout(dropout)`` between the two convolutions,
+    after the second ReLU (the authors' ``networks/wide_resnet.py``, ``dropout_rate``);
+    ``dropout = 0`` adds no module at all."""
 
-    def __init__(self, in_planes: int, out_planes: int, stride: int):
+    def __init__(self, in_planes: int, out_planes: int, stride: int, dropout: float = 0.0):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.relu1 = nn.ReLU(inplace=True)
         self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.relu2 = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
         same_shape = in_planes == out_planes and stride == 1
         self.shortcut = None if same_shape else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.relu1(self.bn1(x))
-        out = self.conv2(self.relu2(self.bn2(self.conv1(act))))
+        out = self.relu2(self.bn2(self.conv1(act)))
+        if self.dropout is not None:
+            out = self.dropout(out)
+        out = self.conv2(out)
         # As in xternalz/WideResNet-pytorch: the projection shortcut sees the activated input.
         return out + (x if self.shortcut is None else self.shortcut(act))
 
@@ -63,26 +70,31 @@ class WideResNet(nn.Module):
     ``features`` holds the raw outputs of the three groups (16w, 32w, 64w channels at
     strides 1, 2, 4 relative to the input), i.e. the residual sums before the next
     block's BN-ReLU; the third is the tensor before the final BN-ReLU.
+
+    ``dropout``: rate of the dropout between the two convolutions of every block (the
+    authors use 0.3); 0 (default) builds the network without dropout.
     """
 
-    def __init__(self, depth: int, width: int, num_classes: int):
+    def __init__(self, depth: int, width: int, num_classes: int, dropout: float = 0.0):
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f"WRN depth must satisfy (depth - 4) % 6 == 0 and depth >= 10, got {depth}")
         if width < 1:
             raise ValueError(f"WRN width must be >= 1, got {width}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"WRN dropout must be in [0, 1), got {dropout}")
         n = (depth - 4) // 6
         channels = [16, 16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(3, channels[0], 3, 1, 1, bias=False)
         self.groups = nn.ModuleList(
             nn.Sequential(*(BasicBlock(channels[i] if j == 0 else channels[i + 1], channels[i + 1],
-                                       stride if j == 0 else 1) for j in range(n)))
+                                       stride if j == 0 else 1, dropout) for j in range(n)))
             for i, stride in enumerate((1, 2, 2))
         )
         self.bn = nn.BatchNorm2d(channels[3])
         self.relu = nn.ReLU(inplace=True)
         self.head = nn.Linear(channels[3], num_classes)
-        self.depth, self.width = depth, width
+        self.depth, self.width, self.dropout_rate = depth, width, float(dropout)
         self.embedding_dim = channels[3]
         self.num_classes = num_classes
         init_weights(self)
