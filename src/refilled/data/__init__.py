@@ -1,28 +1,20 @@
-"""Datasets of the REFILLED experiments: loading, obtaining and verifying them."""
+"""Datasets of the REFILLED experiments: loading, obtaining and verifying them.
 
-from refilled.data.check import OFFICIAL_COUNTS, check_dataset, format_summary
-from refilled.data.datasets import (
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    DATASETS,
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_SHA256,
-    FASHION_MNIST_STD,
-    HOW_TO_OBTAIN,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ArraySplit,
-    DataError,
-    Dataset,
-    FileImageDataset,
-    FileSplit,
-    cub_transforms,
-    dataset_dir,
-    decode_image,
-    load_dataset,
-    obtain_fashion_mnist,
-)
+The names below are loaded on first use (PEP 562), so that importing a torch-free submodule
+such as `refilled.data.splits` (the `split` command, the Snakefile) does not import torch.
+"""
+
+import importlib
+
+_WHERE = {
+    **dict.fromkeys(("OFFICIAL_COUNTS", "check_dataset", "format_summary"), "refilled.data.check"),
+    **dict.fromkeys((
+        "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN",
+        "FASHION_MNIST_SHA256", "FASHION_MNIST_STD", "HOW_TO_OBTAIN", "IMAGENET_MEAN", "IMAGENET_STD",
+        "ArraySplit", "DataError", "Dataset", "FileImageDataset", "FileSplit", "cub_transforms",
+        "dataset_dir", "decode_image", "load_dataset", "obtain_fashion_mnist",
+    ), "refilled.data.datasets"),
+}
 
 __all__ = [
     "DATASETS", "DataError", "ArraySplit", "FileSplit", "Dataset",
@@ -32,3 +24,15 @@ __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_SHA256", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD",
     "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

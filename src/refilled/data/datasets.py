@@ -145,9 +145,25 @@ def _check_name(name: str) -> str:
     return name
 
 
+# Files that mark a directory as the dataset's own: `root` may name that directory itself (e.g.
+# Debian's /usr/share/datasets/fashion-mnist) instead of the data root that holds it.
+_MARKERS = {
+    "fashion-mnist": tuple(f"{b}{gz}" for b in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+                           for gz in ("", ".gz")),
+    "cifar100": ("meta",),
+    "cub200": ("images.txt",),
+}
+
+
 def dataset_dir(name: str, root: str | Path) -> Path:
-    """Directory of dataset `name` under the data root `root`."""
-    return Path(root).expanduser() / _DIRNAMES[_check_name(name)]
+    """Directory of dataset `name` for `root`: `root/<dirname>` (root is the data root), or `root`
+    itself when it has no such subdirectory but holds the dataset's files."""
+    root = Path(root).expanduser()
+    nested = root / _DIRNAMES[_check_name(name)]
+    if not nested.exists() and any((root / m).is_file() for m in _MARKERS[name]):
+        return root
+    return nested
 
 
 def _error(name: str, root: Path, path: Any, problem: str) -> DataError:
@@ -420,12 +436,10 @@ def _md5_file(path: Path) -> str:
 
 
 def _cifar100_official_md5() -> dict[str, str]:
-    """The official MD5s, taken from torchvision's CIFAR100 class attributes."""
-    from torchvision.datasets import CIFAR100
-
-    md5 = {fname: digest for fname, digest in CIFAR100.train_list + CIFAR100.test_list}
-    md5[CIFAR100.meta["filename"]] = CIFAR100.meta["md5"]
-    return md5
+    """The official MD5s, as torchvision's CIFAR100 class lists them (train_list, test_list, meta;
+    written out here so that loading CIFAR-100 does not import torchvision)."""
+    return {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+            "meta": "7973b15100ade9c7d40fb424638fde48"}
 
 
 def _key(k: Any) -> Any:
