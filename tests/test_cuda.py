@@ -13,8 +13,8 @@ Tolerances (stated per test):
   uninterrupted, with a batch of another shape) relative L2 error 1e-2 plus 1e-3 RMS per
   element for tensors near zero;
 - augmentation: CUDA and CPU give the same crops for the same seed (exactly for the
-  32 px crop, within 1e-3 of the 0..255 range for the 224 px crop); flips: 4000 draws,
-  |flips - 2000| < 4 binomial standard deviations (126).
+  32 px crop, within 1e-3 of the 0..255 range for the 224 px crop); flips, counted in the
+  output images: 4000 images, |flips - 2000| < 4 binomial standard deviations (126).
 """
 
 from __future__ import annotations
@@ -169,13 +169,17 @@ def test_graph_training_follows_eager_training_with_lr_changes():
 
 
 def test_resume_recaptures_and_continues_like_the_uninterrupted_graph():
-    """Optimiser state saved and loaded (as resume.pt does) drops the graph; the next step
-    captures again from the loaded state, and the run ends where an uninterrupted one does."""
+    """Weights and optimiser state written to a file and read back (as resume.pt is, with
+    save_tensors/load_tensors): loading into the step that captured drops its graph and the
+    next step captures again from the loaded state; a fresh model and step built from the
+    file (a new process resuming) capture once. Both end where an uninterrupted run ends."""
+    from refilled.io import load_tensors, save_tensors
     from refilled.step import TrainStep
 
     data = _batches(4)
     straight_m = _method("stage2")
     resumed_m = copy.deepcopy(straight_m)
+    fresh_m = copy.deepcopy(straight_m)     # same architecture and buffers; its weights come from the file
     straight = TrainStep(straight_m, DEV, graph="on")
     straight.begin_epoch(0, 0.1)
     for x, y in data:
@@ -184,14 +188,33 @@ def test_resume_recaptures_and_continues_like_the_uninterrupted_graph():
     first.begin_epoch(0, 0.1)
     for x, y in data[:2]:
         first.step(x, y)
-    saved = copy.deepcopy(first.optimizer_state_dict())
-    first.load_optimizer_state_dict(saved)
+    torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "resume.pt"
+        save_tensors(path, {"method": resumed_m.state_dict(), "optimizer": first.optimizer_state_dict()})
+        with torch.no_grad():     # scramble what is in memory: only the file can bring it back
+            for t in list(resumed_m.state_dict().values()):
+                if t.is_floating_point():
+                    t.add_(1.0)
+        state = load_tensors(path, map_location=DEV)
+        fresh_state = load_tensors(path, map_location=DEV)   # its own copy: a step trains the tensors it loaded
+    resumed_m.load_state_dict(state["method"])
+    first.load_optimizer_state_dict(state["optimizer"])
     assert first._replay is None, "loading optimiser state must drop the captured graph"
     for x, y in data[2:]:
         first.step(x, y)
     assert first.captures == 2 and first.mode == "on"
+
+    fresh_m.load_state_dict(fresh_state["method"])
+    fresh = TrainStep(fresh_m, DEV, graph="on")
+    fresh.load_optimizer_state_dict(fresh_state["optimizer"])
+    fresh.begin_epoch(0, 0.1)
+    for x, y in data[2:]:
+        fresh.step(x, y)
+    assert fresh.captures == 1 and fresh.mode == "on"
     torch.cuda.synchronize()
     _assert_states_close("resume", straight_m.state_dict(), resumed_m.state_dict())
+    _assert_states_close("resume in a fresh step", straight_m.state_dict(), fresh_m.state_dict())
 
 
 def test_other_batch_shape_runs_eagerly_and_the_graph_stays_valid_on_cuda():
@@ -272,20 +295,29 @@ def test_gpu_crop_flip_equals_cpu_and_stays_in_the_padded_image():
 
 
 def test_gpu_random_resized_crop_equals_cpu_and_flips_half():
+    """random_resized_crop_flip on CUDA: the CPU's crops (within 0.255 of 0..255), and
+    mirrored images in the output about half the time. Flips are counted in the output: the
+    image is a left-to-right ramp, so a crop keeps the ramp rising and a mirrored one makes it
+    fall (4000 images, |flips - 2000| < 4 sd = 126)."""
     from refilled.augment import random_resized_crop_boxes, random_resized_crop_flip
 
-    n = 4000
     g = torch.Generator().manual_seed(3)
     imgs = torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8, generator=g)
     h, w = torch.full((64,), 375), torch.full((64,), 500)
     a = random_resized_crop_flip(imgs.to(DEV), h, w, 56, torch.Generator().manual_seed(0))
     b = random_resized_crop_flip(imgs, h, w, 56, torch.Generator().manual_seed(0))
     assert (a.cpu() - b).abs().max() < 0.255, "CUDA and CPU crops differ"
-    # flip draws: the generator's stream after the boxes, as random_resized_crop_flip makes them
-    g = torch.Generator().manual_seed(1)
-    boxes = random_resized_crop_boxes(torch.full((n,), 375), torch.full((n,), 500), g)
-    flips = int((torch.rand(n, generator=g) < 0.5).sum())
-    assert abs(flips - n / 2) < 4 * math.sqrt(n / 4)
+
+    n = 4000
+    ramp = (torch.arange(64, dtype=torch.uint8) * 4).view(1, 1, 1, 64).expand(n, 3, 64, 64).contiguous()
+    out = random_resized_crop_flip(ramp.to(DEV), torch.full((n,), 375), torch.full((n,), 500), 56,
+                                   torch.Generator().manual_seed(1)).cpu()
+    rise = out[:, 0, :, -1].mean(1) - out[:, 0, :, 0].mean(1)      # right edge minus left edge
+    assert (rise.abs() > 1).all(), "a crop too narrow to tell its direction"
+    flips = int((rise < 0).sum())
+    assert abs(flips - n / 2) < 4 * math.sqrt(n / 4), f"{flips} mirrored images of {n}"
+    assert torch.equal(out[:, 0], out[:, 2])
+    boxes = random_resized_crop_boxes(torch.full((n,), 375), torch.full((n,), 500), torch.Generator().manual_seed(1))
     assert (boxes[:, 0] + boxes[:, 2] <= 375).all() and (boxes[:, 1] + boxes[:, 3] <= 500).all()
 
 
@@ -331,30 +363,72 @@ def test_cub_batches_on_cuda_take_the_cached_path_and_equal_the_cpu():
                 assert (xg.cpu() - xc).abs().max() < 1e-3
 
 
-def test_fit_on_cuda_with_graph_matches_eager_fit():
+def test_fit_on_cuda_with_graph_matches_eager_fit_and_resumes():
     """A short real fit (CE, 3 epochs) with and without the graph: the same metrics rows
-    within bf16 noise (loss within 5e-2 relative) and a resumable checkpoint."""
+    within bf16 noise (loss within 5e-2 relative). Then a graph run stopped after epoch 2
+    (by its batches, before epoch 3 starts) and resumed from its resume.pt by a new fit on a
+    new model: it trains only epoch 3, keeps the first two rows, and ends with the weights of
+    the uninterrupted graph run."""
     from refilled.data.batches import Batches, task_split
     from refilled.data.datasets import ArraySplit, Dataset
+    from refilled.io import load_tensors
     from refilled.methods import CrossEntropy
     from refilled.models import build_model
     from refilled.train import OptimConfig, fit
+
+    class Stop(Exception):
+        pass
+
+    class StopAtEpoch(Batches):
+        def __init__(self, *a, stop_at, **kw):
+            super().__init__(*a, **kw)
+            self.stop_at, self.epochs = stop_at, []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+            if epoch == self.stop_at:
+                raise Stop(epoch)
+            super().set_epoch(epoch)
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(4).repeat_interleave(64)
     images = (torch.rand(len(labels), 3, 32, 32, generator=g) * 80 + labels.view(-1, 1, 1, 1) * 40).to(torch.uint8)
     ds = Dataset("t", list("abcd"), ArraySplit(images, labels), ArraySplit(images, labels), (.3,) * 3, (.3,) * 3)
-    rows = {}
+    cfg = OptimConfig(epochs=3, batch_size=32, lr=0.05)
+    split = task_split(ds.train, [0, 1, 2, 3])
+    rows, models = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("off", "on"):
-            train = Batches(task_split(ds.train, [0, 1, 2, 3]), ds, 32, True, DEV, seed=1)
+            train = Batches(split, ds, 32, True, DEV, seed=1)
             torch.manual_seed(1)
-            model = build_model("wrn-16-1", 4)
-            cfg = OptimConfig(epochs=3, batch_size=32, lr=0.05)
-            rows[mode] = fit(CrossEntropy(model), train, lambda: {}, cfg, Path(tmp) / mode, DEV, 1, graph=mode)
-            assert (Path(tmp) / mode / "resume.pt").exists()
-    assert math.isclose(rows["on"]["ce"], rows["off"]["ce"], rel_tol=5e-2), rows
-    assert abs(rows["on"]["train_acc"] - rows["off"]["train_acc"]) < 0.1, rows
+            models[mode] = build_model("wrn-16-1", 4)
+            rows[mode] = fit(CrossEntropy(models[mode]), train, lambda: {}, cfg, Path(tmp) / mode, DEV, 1, graph=mode)
+        assert math.isclose(rows["on"]["ce"], rows["off"]["ce"], rel_tol=5e-2), rows
+        assert abs(rows["on"]["train_acc"] - rows["off"]["train_acc"]) < 0.1, rows
+
+        run = Path(tmp) / "resumed"
+        torch.manual_seed(1)
+        stopped = StopAtEpoch(split, ds, 32, True, DEV, seed=1, stop_at=2)
+        try:
+            fit(CrossEntropy(build_model("wrn-16-1", 4)), stopped, lambda: {}, cfg, run, DEV, 1, graph="on")
+        except Stop:
+            pass
+        else:
+            raise AssertionError("the run was not stopped")
+        assert load_tensors(run / "resume.pt")["epoch"] == 2
+        torch.manual_seed(99)                    # another initialisation: only resume.pt can make it match
+        model = build_model("wrn-16-1", 4)
+        again = StopAtEpoch(split, ds, 32, True, DEV, seed=1, stop_at=-1)
+        last = fit(CrossEntropy(model), again, lambda: {}, cfg, run, DEV, 1, graph="on")
+        assert again.epochs == [2], f"the resumed run trained epochs {again.epochs}, not only the third"
+        assert last["epoch"] == 3
+        straight = load_tensors(Path(tmp) / "on" / "resume.pt")["rows"]
+        resumed = load_tensors(run / "resume.pt")["rows"]
+        assert [r["epoch"] for r in resumed] == [1, 2, 3]
+        for a, b in zip(straight, resumed):
+            assert math.isclose(a["ce"], b["ce"], rel_tol=1e-2), (a, b)
+    torch.cuda.synchronize()
+    _assert_states_close("fit resume", models["on"].state_dict(), model.state_dict())
 
 
 def _run_all() -> int:
