@@ -28,8 +28,11 @@ from refilled.losses import (
     semihard_triplets,
 )
 
-pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
-pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
+try:    # only the comparison with pytorch-metric-learning's miner needs it
+    from pytorch_metric_learning import distances as pml_distances, miners as pml_miners
+except ImportError:
+    pml_distances = pml_miners = None
+needs_pml = pytest.mark.skipif(pml_miners is None, reason="pytorch-metric-learning is not installed (miner comparison)")
 
 
 # --------------------------------------------------------------------------------------
@@ -141,6 +144,7 @@ def _draw_far_from_boundaries(seed, B, D, Dt, n_classes, margin, tol=1e-4):
 # --------------------------------------------------------------------------------------
 
 
+@needs_pml
 def test_semihard_triplets_match_pml_miner_many_seeds():
     total = 0
     n_cases = 0
@@ -172,31 +176,38 @@ def test_semihard_triplets_match_pml_miner_many_seeds():
         [0, 0, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9],
     ],
 )
+@needs_pml
 def test_semihard_triplets_edge_label_sets(labels):
     labels = torch.tensor(labels)
     for seed in range(5):
         g = torch.Generator().manual_seed(seed)
         emb = torch.randn(len(labels), 3, generator=g)
         assert _as_set(*semihard_triplets(emb, labels)) == _pml_set(emb, labels)
-    if len(set(labels.tolist())) in (1, len(labels)):
-        a, p, n = semihard_triplets(torch.randn(len(labels), 4), labels)
-        assert a.numel() == p.numel() == n.numel() == 0
 
 
-class _FixedDistance(pml_distances.BaseDistance):
+@pytest.mark.parametrize("labels", [[3] * 12, list(range(12))])
+def test_semihard_triplets_without_positives_or_negatives_are_empty(labels):
+    labels = torch.tensor(labels)
+    a, p, n = semihard_triplets(torch.randn(len(labels), 4), labels)
+    assert a.numel() == p.numel() == n.numel() == 0
+
+
+def _fixed_distance(mat):
     """A pml distance returning a given matrix: lets the miner judge exact boundary gaps."""
 
-    def __init__(self, mat):
-        super().__init__(normalize_embeddings=False)
-        self.mat = mat
+    class FixedDistance(pml_distances.BaseDistance):
+        def __init__(self):
+            super().__init__(normalize_embeddings=False)
 
-    def compute_mat(self, query_emb, ref_emb):
-        return self.mat.clone()
+        def compute_mat(self, query_emb, ref_emb):
+            return mat.clone()
+
+    return FixedDistance()
 
 
-def test_semihard_mask_boundaries_match_pml():
-    # distances chosen so that gaps are exactly 0, exactly the margin (0.25, exact in
-    # binary), inside, and beyond: strictness at both ends is decided by the oracle.
+def _boundary_case():
+    """Distances chosen so that gaps are exactly 0, exactly the margin (0.25, exact in
+    binary), inside, and beyond."""
     margin = 0.25
     labels = torch.tensor([0, 0, 1, 1, 1, 1])
     d = torch.zeros(6, 6)
@@ -205,12 +216,22 @@ def test_semihard_mask_boundaries_match_pml():
             (2, 3): 0.5, (2, 4): 0.75, (2, 5): 0.5, (3, 4): 0.25, (3, 5): 1.0, (4, 5): 0.75}
     for (i, j), v in vals.items():
         d[i, j] = d[j, i] = v
-    miner = pml_miners.TripletMarginMiner(
-        margin=margin, type_of_triplets="semihard", distance=_FixedDistance(d)
-    )
+    return d, labels, margin
+
+
+@needs_pml
+def test_semihard_mask_boundaries_match_pml():
+    """Strictness at both ends of the semi-hard band as the pml miner (the oracle) decides it."""
+    d, labels, margin = _boundary_case()
+    miner = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard", distance=_fixed_distance(d))
     ref = _as_set(*miner(torch.zeros(6, 2), labels))
     ours = _as_set(*semihard_mask(d, labels, margin).nonzero(as_tuple=True))
     assert ours == ref
+
+
+def test_semihard_mask_boundaries():
+    d, labels, margin = _boundary_case()
+    ours = _as_set(*semihard_mask(d, labels, margin).nonzero(as_tuple=True))
     # explicit: gap 0 excluded, gap == margin included
     assert (0, 1, 2) not in ours  # 0.5 - 0.5 = 0
     assert (0, 1, 3) in ours  # 0.75 - 0.5 = 0.25 = margin
@@ -552,7 +573,7 @@ def test_rkd_scale_invariant_distance_and_zero_for_identical():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_aml_against_loop(seed):
     torch.manual_seed(seed)
-    B, Ds, Dt, margin = 9, 5, 7, 0.7
+    B, Ds, Dt, margin = 9, 5, 7, 1.2    # random unit vectors in 7-d are ~1.4 apart: some negatives inside
     s = torch.randn(B, Ds, requires_grad=True)
     t = torch.randn(B, Dt, requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 0])
@@ -561,7 +582,7 @@ def test_aml_against_loop(seed):
     with torch.no_grad():
         q = proj(s).double().numpy()
     tn = t.detach().double().numpy()
-    total, pairs, n_pos, n_active_neg = 0.0, 0, 0, 0
+    total, pairs, n_pos, n_neg, n_active_neg = 0.0, 0, 0, 0, 0
     for i in range(B):
         qi = q[i] / np.linalg.norm(q[i])
         for j in range(B):  # j == i (the teacher's view of the same image) is a positive
@@ -572,10 +593,12 @@ def test_aml_against_loop(seed):
                 n_pos += 1
             else:
                 total += max(margin - d, 0.0) ** 2
+                n_neg += 1
                 n_active_neg += margin - d > 0
             pairs += 1
     assert loss.item() == pytest.approx(total / pairs, rel=1e-5)
     assert n_pos > 0
+    assert 0 < n_active_neg < n_neg, (n_active_neg, n_neg)   # the hinge is both on and off somewhere
     loss.backward()
     assert t.grad is None and proj.weight.grad is not None and s.grad is not None
 
