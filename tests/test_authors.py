@@ -114,7 +114,8 @@ def test_confidence_weights_detached_and_without_host_sync():
     tl = torch.randn(8, 5, requires_grad=True)
     with Recorder():
         lam_i = confidence_weights(tl, 1.0)
-    assert not lam_i.requires_grad
+        w = teacher_confidence(tl)
+    assert not lam_i.requires_grad and not w.requires_grad
     bad = [op for op in seen if any(k in op for k in HOST_SYNC)]
     assert not bad, bad
 
@@ -256,6 +257,27 @@ def test_batch_min_k_equals_loop_over_the_miner(seed, k_hat):
     if k_hat is None:   # per-pair keeps every negative: another loss
         per_pair = comparison_matching_loss(s, t, labels, 4.0, 0.2, None)
         assert abs(per_pair.item() - loss.item()) > 1e-6
+
+
+@pytest.mark.parametrize("k_hat", [None, 1])
+def test_batch_min_k_capped_by_k_hat(k_hat):
+    """Points on a circle where every pair has K' >= 2 semi-hard negatives (min 2, max 3),
+    so both the batch minimum and the k_hat cap change the tuples."""
+    ang = torch.tensor([0.0, 0.03, 0.06, 0.1, 0.13, 0.16])
+    s = torch.stack([ang.cos(), ang.sin()], dim=1)
+    t = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    tuples, sizes = _authors_tuples(s, labels, k_hat)
+    assert min(sizes.values()) == 2 and max(sizes.values()) == 3
+    assert {len(v) for v in tuples.values()} == {1 if k_hat == 1 else 2}
+    d = torch.cdist(s, s)
+    dense = tuple_mask(d, labels, 0.2, k_hat, "batch-min")
+    got: dict = {}
+    for a, p, n in dense.nonzero().tolist():
+        got.setdefault((a, p), []).append(n)
+    assert got == tuples
+    loss = comparison_matching_loss(s, t, labels, 4.0, 0.2, k_hat, k_mode="batch-min")
+    assert loss.item() == pytest.approx(_np_tuple_loss(s.numpy(), t.numpy(), tuples, 4.0), rel=1e-4, abs=1e-8)
 
 
 def test_batch_min_without_any_tuple_is_zero():
