@@ -302,7 +302,7 @@ def scan_runs(runs_root: Path) -> tuple[list[Path], list[RunState], list[Path]]:
     """(finished run dirs, incomplete run states, temporary files left by killed writes)."""
     finished, incomplete, temps = [], [], []
     for dirpath, dirnames, filenames in os.walk(runs_root):
-        dirnames[:] = sorted(d for d in dirnames if d not in (".snakemake", ".git", ".dvc"))
+        dirnames[:] = sorted(d for d in dirnames if d not in (".snakemake", ".git", ".dvc", ".finished"))  # .finished: refilled.finished
         names = set(filenames)
         here = Path(dirpath)
         temps += [here / f for f in sorted(names) if f.startswith(".") and f.endswith(".tmp")]

@@ -12,9 +12,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-import torch
+if TYPE_CHECKING:   # torch is imported where tensors are saved or loaded: table, figure and split do not need it
+    import torch
 
 
 _UMASK = os.umask(0)
@@ -61,6 +62,8 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], fieldn
 
 def save_tensors(path: str | os.PathLike, obj: Any) -> None:
     """Save a (nested) structure of tensors and plain values; loadable with weights_only=True."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -73,6 +76,8 @@ class CheckpointError(RuntimeError):
 def load_tensors(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
     """Load a checkpoint without ever unpickling code (weights_only=True); `mmap` maps the
     tensors' storage from the file instead of reading it (rows are read when touched)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
