@@ -284,7 +284,22 @@ def _fake_summary(path: Path, method: str, arch: str, seed: int, acc: float, rat
     return path
 
 
-def test_table_command_means_stds_and_refuses_gaps_and_duplicates(tmp_path):
+def _refused(capsys, argv: list, *parts: str) -> str:
+    """`refilled table ...` exits 2 with one error line holding every part; returns that line."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from refilled.cli import main
+
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refilled table: error: "), err
+    for part in parts:
+        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def test_table_command_means_stds_and_refuses_gaps_and_duplicates(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "src"))
     from refilled.cli import main
 
@@ -298,10 +313,15 @@ def test_table_command_means_stds_and_refuses_gaps_and_duplicates(tmp_path):
     # seeds 0 and 1 differ by 10 points: mean = 50 + i + 5, sample std = 7.07
     assert wide[2]["wrn-10-1"] == "57.00 ± 7.07"
     assert len(_read(tmp_path / "l.csv")) == 24
-    assert main([str(a) for a in args + paths[:-1]]) == 2       # a seed missing in one cell
-    assert main([str(a) for a in args + paths[:-2]]) == 2       # a cell with no run
+    last = (METHODS[-1], "wrn-10-1")                             # the cell of paths[-2:] (seeds 0 and 1)
+    _refused(capsys, args + paths[:-1],                          # a seed missing in one cell
+             "table 2: every cell needs the same seeds [0, 1]; 1 cell(s) lack some",
+             f"(('0.5', '{last[0]}', '{last[1]}'), [1])")
+    _refused(capsys, args + paths[:-2],                          # a cell with no run
+             "table 2: no runs for 1 cell(s)", f"('0.5', '{last[0]}', '{last[1]}')")
     dup = _fake_summary(tmp_path / "dup.json", METHODS[0], "wrn-16-1", 0, 0.9)
-    assert main([str(a) for a in args + paths + [dup]]) == 2    # two runs for one cell and seed
+    _refused(capsys, args + paths + [dup],                       # two runs for one cell and seed
+             f"{dup}: a second run for ('0.5', '{METHODS[0]}', 'wrn-16-1') seed 0")
     t4 = [_fake_summary(tmp_path / f"k{k}-{r}.json", "stage1", "mobilenet-1.0", 0, 0.3 + 0.01 * i, ratio=r,
                         kind="stage1", k_hat=k) for i, (r, k) in enumerate((r, k) for r in (0, 0.5) for k in (1, 5, None))]
     args4 = ["table", "--table", "4", "--ratios", "0", "0.5", "--columns", "1", "5", "inf",
@@ -309,6 +329,66 @@ def test_table_command_means_stds_and_refuses_gaps_and_duplicates(tmp_path):
     assert main([str(a) for a in args4 + t4]) == 0
     assert _read(tmp_path / "t4.csv")[1] == {"ratio": "0.5", "k_hat=1": "33.00 ± n/a", "k_hat=5": "34.00 ± n/a",
                                              "k_hat=inf": "35.00 ± n/a"}
+
+
+def _stage1_summary(path: Path, ratio: float, k_hat, seed: int, ncm_acc: float, arch="mobilenet-1.0") -> Path:
+    """A stage-1 run's summary as Table 4 reads it."""
+    s = {"kind": "stage1", "method": "stage1", "task": "student", "arch": arch, "seed": seed,
+         "split": {"ratio": ratio}, "params": {"lam": 2.0, "k_hat": k_hat}, "ncm_acc": ncm_acc}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(s))
+    return path
+
+
+def test_table_refuses_a_lambda_mismatch_a_run_outside_the_grid_and_a_non_stage1_run_in_table4(tmp_path, capsys):
+    paths = [_fake_summary(tmp_path / f"{m}-{s}.json", m, "wrn-16-1", s, 0.5 + 0.01 * i)
+             for i, m in enumerate(METHODS) for s in (0, 1)]
+    args = ["table", "--table", "2", "--ratios", "0.5", "--columns", "wrn-16-1", "--lam", "2",
+            "--out", tmp_path / "t.csv", "--long", tmp_path / "l.csv", "--markdown", tmp_path / "t.md", "--summaries"]
+    # a REFILLED run trained with another lambda than the table's
+    other_lam = tmp_path / "refilled-1.json"
+    s = json.loads(other_lam.read_text())
+    s["params"]["lam"] = 1.0
+    other_lam.write_text(json.dumps(s))
+    _refused(capsys, args + paths, f"{other_lam}: lambda 1.0 but the table's REFILLED rows use lambda 2.0")
+    s["params"]["lam"] = 2.0
+    other_lam.write_text(json.dumps(s))
+    # a run at a ratio, and one of an architecture, that the table does not have
+    for name, ratio, arch, key in (("r25", 0.25, "wrn-16-1", "ratio 0.25, refilled, wrn-16-1"),
+                                   ("w40", 0.5, "wrn-40-2", "ratio 0.5, refilled, wrn-40-2")):
+        outside = _fake_summary(tmp_path / f"{name}.json", "refilled", arch, 0, 0.7, ratio=ratio)
+        _refused(capsys, args + paths + [outside], f"{outside}: run ({key}) is not in the table's grid")
+    # Table 4 takes stage-1 runs only
+    t4 = [_stage1_summary(tmp_path / f"k{k}.json", 0.5, k, 0, 0.3) for k in (1, 5, None)]
+    args4 = ["table", "--table", "4", "--ratios", "0.5", "--columns", "1", "5", "inf",
+             "--out", tmp_path / "t4.csv", "--long", tmp_path / "l4.csv", "--markdown", tmp_path / "t4.md", "--summaries"]
+    stage2 = _fake_summary(tmp_path / "s2.json", "refilled", "mobilenet-1.0", 1, 0.6, k_hat=None)
+    _refused(capsys, args4 + t4 + [stage2], f"{stage2}: Table 4 needs stage-1")
+    assert not (tmp_path / "t4.csv").exists() and not (tmp_path / "t.csv").exists()
+
+
+def test_table4_with_seeds_has_a_real_std_and_the_paper_labels(tmp_path):
+    """Three seeds per cell, NCM accuracy seed 0/1/2 = v - 2, v, v + 2 (%): mean v, sample
+    std sqrt((4 + 0 + 4) / 2) = 2."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from refilled.cli import main
+
+    ratios, k_hats = (0.0, 0.5), (1, 5, None)
+    base = {(r, k): 30.0 + 10 * i + 3 * j for i, r in enumerate(ratios) for j, k in enumerate(k_hats)}
+    t4 = [_stage1_summary(tmp_path / f"k{k}-r{r}-s{seed}.json", r, k, seed, (base[(r, k)] + 2 * (seed - 1)) / 100)
+          for r in ratios for k in k_hats for seed in (0, 1, 2)]
+    args4 = ["table", "--table", "4", "--ratios", "0", "0.5", "--columns", "1", "5", "inf",
+             "--out", tmp_path / "t4.csv", "--long", tmp_path / "l4.csv", "--markdown", tmp_path / "t4.md", "--summaries"]
+    assert main([str(a) for a in args4 + t4]) == 0
+    wide = _read(tmp_path / "t4.csv")
+    assert wide == [{"ratio": "0", "k_hat=1": "30.00 ± 2.00", "k_hat=5": "33.00 ± 2.00", "k_hat=inf": "36.00 ± 2.00"},
+                    {"ratio": "0.5", "k_hat=1": "40.00 ± 2.00", "k_hat=5": "43.00 ± 2.00", "k_hat=inf": "46.00 ± 2.00"}]
+    assert len(_read(tmp_path / "l4.csv")) == 18
+    md = (tmp_path / "t4.md").read_text().splitlines()
+    assert "| K̂ | 1 (triplet) | 5 | inf (tuple) |" in md
+    assert "| overlap ratio = 0% | 30.00 ± 2.00 | 33.00 ± 2.00 | 36.00 ± 2.00 |" in md
+    assert "| overlap ratio = 50% | 40.00 ± 2.00 | 43.00 ± 2.00 | 46.00 ± 2.00 |" in md
+    assert any(line.startswith("**Table 4.**") and "mobilenet-1.0" in line for line in md)
 
 
 # ------------------------------------------------------------------------------------------------
