@@ -3,7 +3,8 @@
 # by hand (Debian's slurm-wlm and munge; needs root, which CI and the test machines have).
 #
 #   scripts/slurm_local.sh start [DIR]   # DIR default: $SLURM_LOCAL_DIR or /tmp/refilled-slurm
-#   export SLURM_CONF=DIR/slurm.conf     # what sbatch, squeue, scontrol, sinfo read
+#   export PATH=DIR/bin:$PATH            # sbatch, srun, squeue, scontrol, sinfo, scancel of this cluster
+#                                        # (wrappers that set SLURM_CONF=DIR/slurm.conf)
 #   scripts/slurm_local.sh stop [DIR]    # ends exactly the munged, slurmctld and slurmd it started
 #   scripts/slurm_local.sh install       # apt-get install slurm-wlm munge (root only)
 #
@@ -64,10 +65,20 @@ stop() {
     fi
     rm -f "$DIR/run/$f.pid"
   done
-  # job processes slurmd started and that outlived it (it was stopped mid-job): only ours, by the
-  # SLURM_CONF in their environment
+  # what slurmd started and that outlived it (stopped mid-job): slurmstepd and the job's processes
+  # of this cluster only (SLURM_CONF=DIR/slurm.conf in their environment, and a job id or
+  # slurmstepd's name), never this script or its callers (they may have SLURM_CONF set too)
+  local self_and_callers=" $$ " q=$$
+  while [ "$q" -gt 1 ] 2>/dev/null; do
+    q=$(awk '{print $4}' "/proc/$q/stat" 2>/dev/null || echo 1); self_and_callers+="$q "
+  done
   for p in /proc/[0-9]*; do
-    grep -qz "^SLURM_CONF=$DIR/slurm.conf\$" "$p/environ" 2>/dev/null && kill -KILL "${p#/proc/}" 2>/dev/null || true
+    pid=${p#/proc/}
+    case "$self_and_callers" in *" $pid "*) continue ;; esac
+    grep -qzx "SLURM_CONF=$DIR/slurm.conf" "$p/environ" 2>/dev/null || continue
+    if grep -qz "^SLURM_JOB_ID=" "$p/environ" 2>/dev/null || grep -qz "^slurmstepd" "$p/cmdline" 2>/dev/null; then
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
   done
   return 0
 }
@@ -137,6 +148,16 @@ GresTypes=gpu
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=64000 Gres=gpu:2 State=UNKNOWN
 PartitionName=gpu Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
+  # Client commands that find this cluster without SLURM_CONF: Snakemake's jobstep plugin drops
+  # every SLURM_* variable but a few (SLURM_CONF among them) before it calls `srun` inside a job,
+  # and a real cluster's clients read /etc/slurm/slurm.conf instead. Put DIR/bin first in PATH.
+  mkdir -p "$DIR/bin"
+  local c real
+  for c in sbatch srun squeue scontrol sinfo scancel sacct; do
+    real=$(find_bin "$c") || continue
+    printf '#!/bin/sh\nSLURM_CONF=%s exec %s "$@"\n' "$DIR/slurm.conf" "$real" > "$DIR/bin/$c"
+    chmod +x "$DIR/bin/$c"
+  done
   export SLURM_CONF="$DIR/slurm.conf"
   "$(find_bin slurmctld)" -f "$SLURM_CONF"
   "$(find_bin slurmd)" -f "$SLURM_CONF"
@@ -152,7 +173,7 @@ EOF
     stop
     die "the node did not become idle within 30 s"
   fi
-  echo "Slurm is up in $DIR (node $host idle); export SLURM_CONF=$SLURM_CONF"
+  echo "Slurm is up in $DIR (node $host idle); export PATH=$DIR/bin:\$PATH (or SLURM_CONF=$SLURM_CONF)"
 }
 
 case "$cmd" in
