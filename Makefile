@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup data demo test clean-runs
+.PHONY: setup data demo test slurm clean-runs
 
 setup: $(VENV)/.installed
 
@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 # this machine's disk where they lie there, otherwise from PyPI.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,cluster]'
 	touch $@
 
 data: setup
@@ -22,5 +22,12 @@ data: setup
 demo: data
 	$(BIN)/snakemake --cores 2
 
-test: data
+# tests/test_slurm.py brings up a one-node Slurm (scripts/slurm_local.sh); as root, `make test`
+# installs Debian's slurm-wlm and munge first where they are missing (elsewhere those tests skip).
+test: data slurm
 	$(BIN)/python -m pytest -q
+
+slurm:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash scripts/slurm_local.sh install \
+	  || echo "could not install slurm-wlm and munge: tests/test_slurm.py will skip its Slurm tests"; \
+	else echo "not root: the Slurm tests run only where slurm-wlm and munge are installed"; fi
