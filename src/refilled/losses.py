@@ -187,12 +187,13 @@ def _keep_first_batch_min(mask: torch.Tensor, k_hat: int | None) -> torch.Tensor
     Static shape, no host sync: ranks are a cumsum along ``n``, K stays a 0-d tensor.
     """
     B = mask.shape[-1]
-    counts = mask.sum(dim=-1)  # K'(a, p), int64
+    counts = mask.sum(dim=-1, dtype=torch.int32)  # K'(a, p)
     has_any = counts > 0
     k = torch.where(has_any, counts, torch.full_like(counts, B + 1)).amin()
     if k_hat is not None:
         k = k.clamp(max=int(k_hat))
-    rank = mask.cumsum(dim=-1)  # 1-based rank of n among (a, p)'s negatives, in n order
+    # 1-based rank of n among (a, p)'s negatives, in n order (int32: half the cube of int64)
+    rank = mask.cumsum(dim=-1, dtype=torch.int32)
     return mask & (rank <= k)
 
 
