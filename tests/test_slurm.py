@@ -208,6 +208,14 @@ def cluster(tmp_path_factory):
         subprocess.run(["bash", str(SCRIPT), "stop", str(d)], capture_output=True, text=True, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def local_run(cluster, tmp_path_factory) -> Path:
+    """Table 2 of the test profile made locally: the reference of the Slurm runs."""
+    local = make_workflow(tmp_path_factory.mktemp("local") / "wf")
+    snakemake(local, "results/table2.csv", "--cores", 2, "--config", f"profile={PROFILE}")
+    return local
+
+
 def slurm(cluster, *args) -> str:
     """A Slurm client command of the test cluster; its stdout."""
     proc = subprocess.run([str(cluster.bin / args[0]), *map(str, args[1:])], capture_output=True, text=True,
@@ -232,7 +240,7 @@ def submitted(text: str) -> list[str]:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_dag_subset_runs_every_training_job_through_sbatch_and_makes_the_local_table(cluster, tmp_path):
+def test_dag_subset_runs_every_training_job_through_sbatch_and_makes_the_local_table(cluster, local_run, tmp_path):
     wf = make_workflow(tmp_path / "slurm")
     text = snakemake(wf, "results/table2.csv", *SLURM_ARGS, "--config", f"profile={PROFILE}", cluster=cluster)
     runs = sorted(p.parent for p in (wf / "results" / "runs").rglob("summary.json") if p.parent.name != ".finished")
@@ -248,10 +256,7 @@ def test_dag_subset_runs_every_training_job_through_sbatch_and_makes_the_local_t
     pinned = [g for g in pinned if g]
     assert len(pinned) == len(runs) and all(g[0] in ("0", "1") for g in pinned), pinned
     assert (wf / "results" / "table2.csv").is_file()
-
-    local = make_workflow(tmp_path / "local")
-    snakemake(local, "results/table2.csv", "--cores", 2, "--config", f"profile={PROFILE}")
-    assert (wf / "results" / "table2.csv").read_text() == (local / "results" / "table2.csv").read_text()
+    assert (wf / "results" / "table2.csv").read_text() == (local_run / "results" / "table2.csv").read_text()
     assert not kinds - {"seed0", "stage1_kinf", "student", "rkd", "aml", "refilled_lam2", "refilled-minus_lam2",
                         "refilled-emb_lam2"}, kinds
 
@@ -263,8 +268,8 @@ def test_dag_subset_runs_every_training_job_through_sbatch_and_makes_the_local_t
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_cancelled_job_resumes_from_its_last_epoch_to_the_uninterrupted_weights(cluster, tmp_path):
-    wf = make_workflow(tmp_path / "wf", profiles=(PROFILE, "slurmref"))
+def test_cancelled_job_resumes_from_its_last_epoch_to_the_uninterrupted_weights(cluster, local_run, tmp_path):
+    wf = make_workflow(tmp_path / "wf")
     run = wf / TEACHER.format(profile=PROFILE)
     target = f"{TEACHER.format(profile=PROFILE)}/summary.json"
     args = [target, *SLURM_ARGS, "--config", f"profile={PROFILE}"]
@@ -285,8 +290,7 @@ def test_cancelled_job_resumes_from_its_last_epoch_to_the_uninterrupted_weights(
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert rows[:len(rows_at_cancel)] == rows_at_cancel, "resumed from the checkpoint (timings included), not restarted"
 
-    snakemake(wf, f"{TEACHER.format(profile='slurmref')}/summary.json", "--cores", 1, "--config", "profile=slurmref")
-    ref = wf / TEACHER.format(profile="slurmref")
+    ref = local_run / TEACHER.format(profile=PROFILE)       # the same teacher, never interrupted
     drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
     assert drop(rows) == drop(read_rows(ref / "metrics.csv"))
     assert_same_weights(run / "model.pt", ref / "model.pt")
@@ -320,11 +324,15 @@ def _finished_after_snakemake_died(wf: Path, extra: list, cluster=None) -> None:
 
     snakemake(wf, target, "--unlock", "--config", f"profile={PROFILE}")
     text = snakemake(wf, *args, "--rerun-incomplete", cluster=cluster)
-    # Snakemake holds the job as incomplete and runs it again (deleting its outputs first) ...
-    assert sum(job_counts(text).values()) == 1, text[-3000:]
-    if cluster is not None:
-        assert len(submitted(text)) == 1
-    # ... and the run comes back as it finished: the same files, not a second training
+    if cluster is None:
+        # Snakemake holds the job as incomplete and runs it again (deleting its outputs first) ...
+        assert sum(job_counts(text).values()) == 1, text[-3000:]
+    else:
+        # on Slurm the job's own Snakemake (the plugin's jobstep, inside the allocation) cleared
+        # the incomplete mark when the job ended, so the submitting Snakemake may see the run as
+        # done; if it does run the job again, the job must restore it
+        assert len(submitted(text)) == sum(job_counts(text).values()) <= 1, text[-3000:]
+    # ... and the run is as it finished: the same files, not a second training
     assert files_of(run) == before, "the finished run was trained again"
     assert "Nothing to be done" in snakemake(wf, *args, "-n")
 
@@ -365,3 +373,14 @@ def test_pin_inside_an_allocation_keeps_the_gpu_slurm_gave(cluster, tmp_path):
     given = re.search(r"SLURM (\S+)", text).group(1)
     assert given == "1", text
     assert f"refilled pin: GPU {given}" in text, text
+
+
+def test_pin_in_a_slurm_job_without_gpus_takes_none_of_the_nodes(monkeypatch):
+    """Without GPUs from Slurm (no CUDA_VISIBLE_DEVICES in a job), `--gpus auto` must not count
+    the node's GPUs with nvidia-smi: they are other jobs'. Outside Slurm it still does."""
+    from refilled import pin
+
+    monkeypatch.setattr(pin, "_nvidia_smi_count", lambda: 4)
+    assert pin.gpu_ids("auto", {"SLURM_JOB_ID": "7"}) == []
+    assert pin.gpu_ids("auto", {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "2"}) == ["2"]
+    assert pin.gpu_ids("auto", {}) == ["0", "1", "2", "3"]

@@ -6,7 +6,8 @@ process lives. This module does not import torch (the Snakefile imports `count_g
 GPU ids: when ``CUDA_VISIBLE_DEVICES`` is set, the GPUs it lists are the ones shared (the
 visible devices win), and an explicit ``--gpus N`` that disagrees with their number is an
 error; when it is unset, ``--gpus N`` means GPUs 0..N-1 and ``--gpus auto`` counts them with
-``nvidia-smi -L``.
+``nvidia-smi -L``, except inside a Slurm job (``SLURM_JOB_ID``): Slurm sets ``CUDA_VISIBLE_DEVICES``
+to the GPUs it gave the job, so a job without it was given none.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def gpu_ids(spec: str = "auto", environ=None) -> list[str]:
     if spec == "auto":
         if visible is not None:
             return visible
+        if "SLURM_JOB_ID" in (os.environ if environ is None else environ):
+            return []   # a Slurm job that was given no GPU: the node's GPUs belong to other jobs
         return [str(i) for i in range(_nvidia_smi_count())]
     try:
         n = int(spec)
