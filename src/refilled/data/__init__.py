@@ -8,10 +8,11 @@ import importlib
 
 _WHERE = {
     **dict.fromkeys(("OFFICIAL_COUNTS", "check_dataset", "format_summary"), "refilled.data.check"),
+    "DataError": "refilled.data.errors",
     **dict.fromkeys((
         "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN",
         "FASHION_MNIST_SHA256", "FASHION_MNIST_STD", "HOW_TO_OBTAIN", "IMAGENET_MEAN", "IMAGENET_STD",
-        "ArraySplit", "DataError", "Dataset", "FileImageDataset", "FileSplit", "cub_transforms",
+        "ArraySplit", "Dataset", "FileImageDataset", "FileSplit", "cub_transforms",
         "dataset_dir", "decode_image", "load_dataset", "obtain_fashion_mnist",
     ), "refilled.data.datasets"),
 }

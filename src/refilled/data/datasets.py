@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from refilled.data.errors import DataError
 from refilled.io import atomic_write_bytes
 
 DATASETS = ("fashion-mnist", "cifar100", "cub200")
@@ -99,8 +100,6 @@ DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # ---------------------------------------------------------------------------------------------
 
 
-class DataError(RuntimeError):
-    """A dataset file is missing or wrong. The message names the file, the problem, and how to obtain it."""
 
 
 @dataclass
