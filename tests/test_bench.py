@@ -25,9 +25,9 @@ def test_bench_small_configuration_writes_the_table(tmp_path, capsys):
     assert "ours/ref" in printed and "bf16 peak" in printed and f"wrote {out}" in printed
     rows = list(csv.DictReader(open(out)))
     assert list(rows[0]) == COLUMNS
-    expected = [(c.kind, c.student, str(c.px)) for c in small_config().cases]
-    assert [(r["kind"], r["student"], r["px"]) for r in rows] == expected
-    by_key = {(r["kind"], r["student"], r["px"]): r for r in rows}
+    expected = [(c.method, c.student, str(c.px)) for c in small_config().cases]
+    assert [(r["method"], r["student"], r["px"]) for r in rows] == expected
+    by_key = {(r["method"], r["student"], r["px"]): r for r in rows}
     for r in rows:
         ours, ref = float(r["ours_img_s"]), float(r["ref_img_s"])
         assert ours > 0 and ref > 0
@@ -35,17 +35,17 @@ def test_bench_small_configuration_writes_the_table(tmp_path, capsys):
         assert r["peak_share"] == "n/a" and r["jobs"] == "1"
         assert float(r["gflop_per_img"]) > 0
         assert float(r["tflops"]) == pytest.approx(float(r["gflop_per_img"]) * ours / 1e3, rel=2e-2, abs=2e-3)
-        if r["kind"] == "teacher":
+        if r["method"] == "student":
             assert r["vs_ce"] == "" and r["teacher_share"] == ""
         else:
-            ce = by_key[("teacher", r["student"], r["px"])]
+            ce = by_key[("student", r["student"], r["px"])]
             assert float(r["vs_ce"]) == pytest.approx(ours / float(ce["ours_img_s"]), abs=1e-3)
             assert 0 < float(r["teacher_share"]) < 5
 
 
 def test_concurrent_jobs_sum_their_images_per_second():
     cfg = small_config()
-    case = Case("teacher", "wrn-16-1", None, 32, 8, 4)
+    case = Case("student", "wrn-16-1", None, 32, 8, 4)
     rows = concurrent_rows(cfg, CPU, [1, 2], case, seconds=0.2, log=lambda s: None)
     assert [r["jobs"] for r in rows] == [1, 2]
     assert all(r["notes"] == "" and r["ours_img_s"] > 0 for r in rows), rows

@@ -436,7 +436,7 @@ def _np_local(student_logits, teacher_emb, centers, labels, tau, lam, weighting)
         pt = np.exp(lt)
         kls.append(float((pt * (lt - ls)).sum()))
         p_true = pt[present.index(int(labels[i]))]
-        lam_i.append({"adaptive": lam * p_true, "constant": lam, "none": 0.0}[weighting])
+        lam_i.append({"true-class": lam * p_true, "constant": lam, "none": 0.0}[weighting])
         full = np.zeros(C)
         full[present] = pt
         probs.append(full)
@@ -455,14 +455,14 @@ def _stage2_data(seed, B=12, C=7, Dt=9):
     )
 
 
-@pytest.mark.parametrize("weighting", ["adaptive", "constant", "none"])
+@pytest.mark.parametrize("weighting", ["true-class", "constant", "none"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_local_distillation_equals_loop(weighting, seed):
     sl, te, ce, lab = _stage2_data(seed)
     ref, ref_lam = _np_local(sl, te, ce, lab, tau=2.0, lam=2.0, weighting=weighting)
     f = lambda x: torch.tensor(x, dtype=torch.float32)
     loss, lam_i = local_distillation_loss(f(sl), f(te), f(ce), torch.tensor(lab), tau=2.0, lam=2.0,
-                                          weighting=weighting)
+                                          weighting=weighting, kl_scale="tau2")
     assert lam_i.shape == (len(lab),)
     assert np.allclose(lam_i.numpy(), ref_lam, rtol=1e-5, atol=1e-7)
     assert loss.item() == pytest.approx(ref, rel=1e-4, abs=1e-7)
@@ -477,7 +477,7 @@ def test_lambda_with_lam_1_in_unit_interval_and_detached():
     s = torch.tensor(sl, dtype=torch.float32, requires_grad=True)
     t = torch.tensor(te, dtype=torch.float32, requires_grad=True)
     loss, lam_i = local_distillation_loss(s, t, torch.tensor(ce, dtype=torch.float32),
-                                          torch.tensor(lab), lam=1.0)
+                                          torch.tensor(lab), lam=1.0, weighting="true-class")
     assert torch.all(lam_i > 0) and torch.all(lam_i <= 1)
     assert not lam_i.requires_grad
     loss.backward()
@@ -488,14 +488,14 @@ def test_absent_classes_get_no_probability():
     sl, te, ce, lab = _stage2_data(3)
     absent = [1, 4, 5]
     f = lambda x: torch.tensor(x, dtype=torch.float32)
-    base, _ = local_distillation_loss(f(sl), f(te), f(ce), torch.tensor(lab))
+    base, _ = local_distillation_loss(f(sl), f(te), f(ce), torch.tensor(lab), weighting="true-class")
     for val in (1e4, -1e4):
         sl2 = sl.copy()
         sl2[:, absent] = val
         ce2 = ce.copy()
         ce2[absent] = ce2[absent] * -50  # teacher centres of absent classes changed too
         s = f(sl2).requires_grad_(True)
-        loss, _ = local_distillation_loss(s, f(te), f(ce2), torch.tensor(lab))
+        loss, _ = local_distillation_loss(s, f(te), f(ce2), torch.tensor(lab), weighting="true-class")
         assert loss.item() == pytest.approx(base.item(), rel=1e-6)
         loss.backward()
         assert torch.all(s.grad[:, absent] == 0)
@@ -505,7 +505,7 @@ def test_absent_classes_get_no_probability():
 def test_bad_weighting_raises():
     sl, te, ce, lab = _stage2_data(0)
     f = lambda x: torch.tensor(x, dtype=torch.float32)
-    with pytest.raises(ValueError, match="adaptive.*constant.*none"):
+    with pytest.raises(ValueError, match="confidence.*true-class.*constant.*none"):
         local_distillation_loss(f(sl), f(te), f(ce), torch.tensor(lab), weighting="fixed")
 
 
@@ -635,7 +635,7 @@ def test_all_losses_under_bf16_autocast():
         assert s.dtype == torch.bfloat16
         logits = head(s)
         cm = comparison_matching_loss(s, t, labels, k_hat=3)
-        ld, lam_i = local_distillation_loss(logits, t, centers, labels)
+        ld, lam_i = local_distillation_loss(logits, t, centers, labels, teacher_logits=head(s))
         rk = rkd_loss(s, t)
         am = aml_loss(s, t, labels, proj)
     for v in (cm, ld, rk, am, lam_i):
@@ -666,7 +666,7 @@ def test_stage1_has_no_host_sync_ops():
     with Recorder():
         loss = comparison_matching_loss(s, t, labels, k_hat=2)
         loss.backward()
-        local_distillation_loss(torch.randn(16, 4), t, torch.randn(4, 5), labels % 4)
+        local_distillation_loss(torch.randn(16, 4), t, torch.randn(4, 5), labels % 4, teacher_logits=torch.randn(16, 6))
     bad = [op for op in seen if any(k in op for k in ("nonzero", "_local_scalar_dense",
                                                       "masked_select", "unique", "bincount"))]
     assert not bad, bad

@@ -37,9 +37,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-METHODS = ["student", "rkd", "aml", "refilled-emb", "refilled-minus", "refilled"]
-LABELS = {"student": "Student", "rkd": "RKD", "aml": "AML", "refilled-emb": "REFILLED^EMB",
-          "refilled-minus": "REFILLED^-", "refilled": "REFILLED"}
+sys.path.insert(0, str(ROOT / "src"))
+from refilled.methods import CATALOG, table_methods  # noqa: E402  (torch-free)
+
+METHODS = table_methods()                     # the rows of Tables 1 and 2, from the catalog
+LABELS = {m: CATALOG[m].label for m in METHODS}
 TABLE_FILES = [f"results/table{t}{s}" for t in (1, 2, 4) for s in (".csv", "_long.csv", ".md")]
 FIGURE_FILES = [f"figures/{n}.{e}" for n in ("figure1_convergence", "figure2_lambda_sweep", "figure3_lambda_hist")
                 for e in ("png", "pdf")]
@@ -86,7 +88,7 @@ def expected_runs(cfg: dict, targets: set[str]) -> dict[str, set]:
     """Distinct runs per rule that the targets ("table1", "table2", "table4", "figures") need."""
     seeds, lam, khat = cfg["seeds"], float(cfg["lam"]), str(cfg["k_hat"])
     ex = cfg["experiments"]
-    runs = {k: set() for k in ("teacher", "stage1", "stage2", "baseline", "split", "prepare_data")}
+    runs = {k: set() for k in ("teacher", "train", "split", "prepare_data")}   # train: every student run
 
     def student_task(e, r, a, s):
         runs["teacher"].add((e, s))
@@ -96,22 +98,23 @@ def expected_runs(cfg: dict, targets: set[str]) -> dict[str, set]:
 
     def stage1(e, r, a, s, k=khat):
         student_task(e, r, a, s)
-        runs["stage1"].add((e, g(r), a, s, str(k)))
+        runs["train"].add(("stage1", e, g(r), a, s, str(k)))
 
     def stage2(e, r, a, s, v, l=lam):
         stage1(e, r, a, s)
-        runs["stage2"].add((e, g(r), a, s, v, g(l)))
+        runs["train"].add((v, e, g(r), a, s, g(l)))
 
     for t in ("table1", "table2"):
         if t in targets:
             for r in ex[t]["ratios"]:
                 for a in ex[t]["students"]:
                     for s in seeds:
-                        for m in METHODS[3:]:
-                            stage2(t, r, a, s, m)
-                        for m in METHODS[:3]:
-                            student_task(t, r, a, s)
-                            runs["baseline"].add((t, g(r), a, s, m))
+                        for m in METHODS:
+                            if CATALOG[m].starts_from == "stage1":
+                                stage2(t, r, a, s, m)
+                            else:
+                                student_task(t, r, a, s)
+                                runs["train"].add((m, t, g(r), a, s))
     if "table4" in targets:
         t4 = cfg["table4"]
         for r in t4["ratios"]:
@@ -147,9 +150,8 @@ def test_dry_run_table2_paper_has_exactly_the_grid(tmp_path):
         "prepare_data": 1,                              # CIFAR-100, verified once
         "split": n_ratios * n_seeds,                    # ratio 0 (the teacher's split) is one of the six
         "teacher": n_seeds,                             # one teacher per seed serves every ratio
-        "stage1": n_ratios * n_archs * n_seeds,         # shared by the three REFILLED rows
-        "stage2": 3 * n_ratios * n_archs * n_seeds,     # REFILLED, REFILLED-, REFILLED^EMB
-        "baseline": 3 * n_ratios * n_archs * n_seeds,   # student, RKD, AML
+        # stage 1 (shared by the three REFILLED rows) + REFILLED, REFILLED-, REFILLED^EMB + student, RKD, AML
+        "train": (1 + 3 + 3) * n_ratios * n_archs * n_seeds,
         "table2": 1,
     }
     assert counts == expected
@@ -168,8 +170,10 @@ def test_dry_run_everything_paper_shares_runs_across_tables_and_figures(tmp_path
     assert counts == expected
     # Table 4 adds K-hat 1 and 5 (K-hat inf is Table 1's stage 1); Figure 2 adds lambda != 2;
     # Figure 1 reuses a Table-2 run; Figure 3 adds lambda = 1 at two ratios.
-    assert counts["stage1"] == (5 + 6) * 4 * 3 + 2 * 2 * 3
-    assert counts["stage2"] == (5 + 6) * 4 * 3 * 3 + 4 * 4 * 3 + 2 * 3
+    stage1 = (5 + 6) * 4 * 3 + 2 * 2 * 3
+    stage2 = (5 + 6) * 4 * 3 * 3 + 4 * 4 * 3 + 2 * 3
+    baselines = (5 + 6) * 4 * 3 * 3
+    assert counts["train"] == stage1 + stage2 + baselines
 
 
 def test_training_rules_declare_one_gpu(tmp_path):
@@ -182,10 +186,10 @@ def test_training_rules_declare_one_gpu(tmp_path):
         if not m:
             continue
         rule = m.group(1)
-        if rule in ("teacher", "stage1", "stage2", "baseline"):
+        if rule in ("teacher", "train"):
             assert re.search(r"resources:.*\bgpu=1\b", block), block[:600]
             seen.add(rule)
-    assert seen == {"teacher", "stage1", "stage2", "baseline"}
+    assert seen == {"teacher", "train"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,10 +279,9 @@ def test_shipped_profiles_are_valid_and_differ_in_numbers_only():
 # ------------------------------------------------------------------------------------------------
 
 
-def _fake_summary(path: Path, method: str, arch: str, seed: int, acc: float, ratio=0.5, kind=None, k_hat=None):
-    kind = kind or ("stage2" if method.startswith("refilled") else "baseline")
-    s = {"kind": kind, "method": method, "arch": arch, "seed": seed, "split": {"ratio": ratio},
-         "params": {"lam": 2.0, "k_hat": k_hat}, "test_acc" if kind != "stage1" else "ncm_acc": acc}
+def _fake_summary(path: Path, method: str, arch: str, seed: int, acc: float, ratio=0.5, k_hat=None, task="student"):
+    s = {"method": method, "task": task, "arch": arch, "seed": seed, "split": {"ratio": ratio},
+         "params": {"lam": 2.0, "k_hat": k_hat}, "test_acc" if method != "stage1" else "ncm_acc": acc}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(s))
     return path
@@ -323,7 +326,7 @@ def test_table_command_means_stds_and_refuses_gaps_and_duplicates(tmp_path, caps
     _refused(capsys, args + paths + [dup],                       # two runs for one cell and seed
              f"{dup}: a second run for ('0.5', '{METHODS[0]}', 'wrn-16-1') seed 0")
     t4 = [_fake_summary(tmp_path / f"k{k}-{r}.json", "stage1", "mobilenet-1.0", 0, 0.3 + 0.01 * i, ratio=r,
-                        kind="stage1", k_hat=k) for i, (r, k) in enumerate((r, k) for r in (0, 0.5) for k in (1, 5, None))]
+                        k_hat=k) for i, (r, k) in enumerate((r, k) for r in (0, 0.5) for k in (1, 5, None))]
     args4 = ["table", "--table", "4", "--ratios", "0", "0.5", "--columns", "1", "5", "inf",
              "--out", tmp_path / "t4.csv", "--long", tmp_path / "l4.csv", "--markdown", tmp_path / "t4.md", "--summaries"]
     assert main([str(a) for a in args4 + t4]) == 0
@@ -559,7 +562,7 @@ def test_smoke_table4_shape_and_cells_trace_to_stage1_summaries(smoke_clone):
     assert len(long) == len(t4["ratios"]) * len(t4["k_hats"])
     for row in long:
         s = json.loads((repo / row["summary"]).read_text())
-        assert s["kind"] == "stage1" and s["arch"] == t4["arch"]
+        assert s["method"] == "stage1" and s["arch"] == t4["arch"]
         assert str(s["params"]["k_hat"] or "inf") == row["k_hat"]
         cell = next(w for w in wide if w["ratio"] == row["ratio"])[f"k_hat={row['k_hat']}"]
         assert float(cell.split(" ± ")[0]) == pytest.approx(100 * s["ncm_acc"], abs=0.005)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from refilled.io import write_csv
 
-COLUMNS = ["kind", "student", "teacher", "px", "batch", "jobs", "ref_img_s", "ours_img_s", "ratio",
+COLUMNS = ["method", "student", "teacher", "px", "batch", "jobs", "ref_img_s", "ours_img_s", "ratio",
            "ours_eager_img_s", "vs_ce", "vs_one_job", "teacher_share", "gflop_per_img", "tflops", "peak_share",
            "device", "notes"]
 
@@ -86,7 +86,7 @@ def peak_for_name(name: str) -> float | None:
 
 @dataclass
 class Case:
-    kind: str                 # "teacher" (CE), "stage1", "stage2"
+    method: str               # a catalog method: "student" (CE: teacher training), "stage1", "refilled", ...
     student: str
     teacher: str | None
     px: int
@@ -116,23 +116,23 @@ def full_config() -> Config:
     b, b224 = 128, 64
     cases = []
     for student in ("wrn-40-2", "wrn-16-1"):
-        cases.append(Case("teacher", student, None, 32, b))
+        cases.append(Case("student", student, None, 32, b))
     for student in ("wrn-40-2", "wrn-16-1"):
-        for kind in ("stage1", "stage2"):
-            cases.append(Case(kind, student, "wrn-40-2", 32, b))
-    cases += [Case("teacher", "mobilenet-1.0", None, 224, b224, 100),
+        for method in ("stage1", "refilled"):
+            cases.append(Case(method, student, "wrn-40-2", 32, b))
+    cases += [Case("student", "mobilenet-1.0", None, 224, b224, 100),
               Case("stage1", "mobilenet-1.0", "mobilenet-1.0", 224, b224, 100),
-              Case("stage2", "mobilenet-1.0", "mobilenet-1.0", 224, b224, 100)]
+              Case("refilled", "mobilenet-1.0", "mobilenet-1.0", 224, b224, 100)]
     return Config("full", b, b224, 224, 256, (375, 500), 10000, 512, warmup=5, min_steps=5, seconds=1.5,
                   sync_every=10, workers=min(8, os.cpu_count() or 1), cases=cases)
 
 
 def small_config() -> Config:
     b = 16
-    cases = [Case("teacher", "wrn-16-1", None, 32, b, 8),
+    cases = [Case("student", "wrn-16-1", None, 32, b, 8),
              Case("stage1", "wrn-16-1", "wrn-16-1", 32, b, 8),
-             Case("stage2", "wrn-16-1", "wrn-16-1", 32, b, 8),
-             Case("teacher", "mobilenet-0.25", None, 64, b, 8),
+             Case("refilled", "wrn-16-1", "wrn-16-1", 32, b, 8),
+             Case("student", "mobilenet-0.25", None, 64, b, 8),
              Case("stage1", "mobilenet-0.25", "mobilenet-0.25", 64, b, 8)]
     return Config("small", b, b, 64, 72, (60, 80), 256, 48, warmup=1, min_steps=3, seconds=0.0, sync_every=1,
                   workers=1, cases=cases)
@@ -193,37 +193,35 @@ def reference_tuple_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, l
     return kl.mean()
 
 
-def _methods():
-    from refilled.methods import CrossEntropy
-    from refilled.methods.distill import ComparisonMatching, LocalDistillation
+class _PrepareOn:
+    """What `Method.prepare` reads of a run (stage 2's class centres): a few batches of the case."""
 
-    class ReferenceComparisonMatching(ComparisonMatching):
-        def loss(self, x, y):
-            out = self.student(x)
-            cm = reference_tuple_loss(out.embedding, self.teacher_embedding(x), y, self.tau, self.margin, self.k_hat)
-            return out.logits, {"cm": self.scale * cm}
-
-    return CrossEntropy, ComparisonMatching, ReferenceComparisonMatching, LocalDistillation
+    def __init__(self, batches, device):
+        self.train_plain, self.device = batches, device
 
 
 def build_method(case: Case, device: torch.device, reference: bool = False, seed: int = 0):
+    """The catalog's method of `case` at its default hyper-parameters; `reference` swaps stage 1's
+    dense loss for the Python tuple loop."""
+    from refilled.methods import get
     from refilled.models import build_model
 
-    CrossEntropy, ComparisonMatching, ReferenceComparisonMatching, LocalDistillation = _methods()
+    entry = get(case.method)
     torch.manual_seed(seed)
     student = build_model(case.student, case.classes)
-    if case.kind == "teacher":
-        method = CrossEntropy(student)
-    else:
-        teacher = build_model(case.teacher, case.classes).eval().requires_grad_(False)
-        if case.kind == "stage1":
-            method = (ReferenceComparisonMatching if reference else ComparisonMatching)(student, teacher)
-        elif case.kind == "stage2":
-            centers = F.normalize(torch.randn(case.classes, teacher.embedding_dim), dim=1)
-            method = LocalDistillation(student, teacher, centers, "adaptive", 2.0, 2.0)
-        else:
-            raise ValueError(f"unknown bench kind {case.kind!r}")
+    teacher = build_model(case.teacher, case.classes).eval().requires_grad_(False) if entry.teacher else None
+    method = entry.build(student, teacher, entry.resolve())
+    if reference and case.method == "stage1":
+        def loss(x, y, m=method):
+            out = m.student(x)
+            cm = reference_tuple_loss(out.embedding, m.teacher_embedding(x), y, m.tau, m.margin, m.k_hat)
+            return out.logits, {"cm": m.scale * cm}
+        method.loss = loss
     method.to(device)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(case.batch) % case.classes
+    method.prepare(_PrepareOn([(torch.randn(case.batch, 3, case.px, case.px, generator=g).to(device), y.to(device))],
+                              device))
     if device.type == "cuda" and not reference:
         method.to(memory_format=torch.channels_last)
     return method
@@ -453,9 +451,15 @@ def run_ours(case: Case, cfg: Config, data: _Data, device: torch.device, graph: 
     out["img_s"] = measure(one, case.batch, device, cfg.warmup, cfg.min_steps, cfg.seconds, cfg.sync_every)
     step.check_finite()
     out["mode"] = step.mode
-    if with_extras and case.kind != "teacher":
+    if with_extras and method_has_teacher(case):
         out["teacher_s"] = _teacher_forward_seconds(method.teacher, x0, device, cfg)
     return out
+
+
+def method_has_teacher(case: Case) -> bool:
+    from refilled.methods import get
+
+    return get(case.method).teacher
 
 
 def _teacher_forward_seconds(teacher, x, device: torch.device, cfg: Config) -> float:
@@ -508,7 +512,7 @@ def bench_rows(cfg: Config, device: torch.device, reference: bool = True, eager:
         rows = []
         for case in cfg.cases:
             notes = []
-            row = {"kind": case.kind, "student": case.student, "teacher": case.teacher or "", "px": case.px,
+            row = {"method": case.method, "student": case.student, "teacher": case.teacher or "", "px": case.px,
                    "batch": case.batch, "jobs": 1, "device": dev_name}
             ref = None
             if reference:
@@ -534,13 +538,13 @@ def bench_rows(cfg: Config, device: torch.device, reference: bool = True, eager:
             row["peak_share"] = round(tflops / peak, 4) if peak else "n/a"
             row["notes"] = "; ".join(notes)
             rows.append(row)
-            log(f"  {case.kind:8s} {case.student:15s} {case.px:4d}px: ours {row['ours_img_s']} img/s, "
+            log(f"  {case.method:8s} {case.student:15s} {case.px:4d}px: ours {row['ours_img_s']} img/s, "
                 f"reference {row['ref_img_s'] or '-'} img/s")
             if on_row:
                 on_row(rows)
         for row in rows:   # ours against our CE step of the same student at the same size
-            ce = [r for r in rows if r["kind"] == "teacher" and r["student"] == row["student"] and r["px"] == row["px"]]
-            if ce and row["kind"] != "teacher":
+            ce = [r for r in rows if r["method"] == "student" and r["student"] == row["student"] and r["px"] == row["px"]]
+            if ce and row["method"] != "student":
                 row["vs_ce"] = round(row["ours_img_s"] / ce[0]["ours_img_s"], 3)
     return rows
 
@@ -629,7 +633,7 @@ def concurrent_rows(cfg: Config, device: torch.device, jobs_list: list[int], cas
                 else:
                     errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit {p.returncode}")
         total = sum(r["images"] / r["seconds"] for r in results)
-        row = {"kind": "concurrent", "student": case.student, "teacher": case.teacher or "", "px": case.px,
+        row = {"method": f"{case.method} (concurrent)", "student": case.student, "teacher": case.teacher or "", "px": case.px,
                "batch": case.batch, "jobs": jobs, "ours_img_s": round(total, 1), "device": dev_name,
                "ref_img_s": "", "ratio": "", "peak_share": "", "notes": "; ".join(errors)}
         rows.append(row)
@@ -645,7 +649,7 @@ def concurrent_rows(cfg: Config, device: torch.device, jobs_list: list[int], cas
 # Table, CSV, command line
 # --------------------------------------------------------------------------------------
 
-TABLE = [("kind", "kind", 10), ("student", "student", 15), ("teacher", "teacher", 15), ("px", "px", 4),
+TABLE = [("method", "method", 14), ("student", "student", 15), ("teacher", "teacher", 15), ("px", "px", 4),
          ("batch", "batch", 5), ("jobs", "jobs", 4), ("ref_img_s", "ref img/s", 10), ("ours_img_s", "ours img/s", 10),
          ("ratio", "ours/ref", 8), ("ours_eager_img_s", "eager img/s", 11), ("vs_ce", "vs CE", 6),
          ("vs_one_job", "vs 1 job", 8), ("teacher_share", "teacher", 7), ("gflop_per_img", "GFLOP/img", 9),
@@ -675,15 +679,15 @@ def run_bench(args) -> list[dict]:
         cfg.seconds = args.seconds
     if args.steps is not None:
         cfg.min_steps = args.steps
-    if args.kinds:
-        cfg.cases = [c for c in cfg.cases if c.kind in args.kinds]
+    if args.methods:
+        cfg.cases = [c for c in cfg.cases if c.method in args.methods]
     if args.archs:
         cfg.cases = [c for c in cfg.cases if c.student in args.archs]
     if args.workers is not None:
         cfg.workers = args.workers
     print(f"refilled bench: {config} configuration on {device} (torch {torch.__version__}); "
           f"reference = per-sample PIL DataLoader ({cfg.workers} workers), fp32, eager"
-          f"{'; stage 1 as a Python tuple loop' if any(c.kind == 'stage1' for c in cfg.cases) else ''}", flush=True)
+          f"{'; stage 1 as a Python tuple loop' if any(c.method == 'stage1' for c in cfg.cases) else ''}", flush=True)
     def save(rows):   # partial results survive a time limit
         if args.out:
             write_csv(args.out, [{c: r.get(c, "") for c in COLUMNS} for r in rows], COLUMNS)
@@ -692,7 +696,7 @@ def run_bench(args) -> list[dict]:
                       eager=None if args.eager is None else args.eager == "yes",
                       log=lambda s: print(s, flush=True), on_row=save)
     if args.concurrent:
-        base = Case("teacher", args.concurrent_arch or ("wrn-16-1"), None, 32, cfg.batch,
+        base = Case("student", args.concurrent_arch or ("wrn-16-1"), None, 32, cfg.batch,
                     50 if config == "full" else 8)
         seconds = args.concurrent_seconds if args.concurrent_seconds is not None else (3.0 if config == "full" else 0.5)
         rows += concurrent_rows(cfg, device, args.concurrent, base, seconds, log=lambda s: print(s, flush=True))
@@ -711,7 +715,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", choices=("auto", "full", "small"), default="auto",
                    help="full: batch 128 (64 at 224 px), WRN-(40,2), WRN-(16,1), MobileNet-1.0 at 224 px; small: "
                         "batch 16, a few steps, WRN-(16,1) and MobileNet-0.25 at 64 px (auto: full on CUDA)")
-    p.add_argument("--kinds", nargs="+", choices=("teacher", "stage1", "stage2"), help="only these rows")
+    from refilled.methods import CATALOG
+
+    p.add_argument("--methods", nargs="+", choices=list(CATALOG), help="only the rows of these catalog methods")
     p.add_argument("--archs", nargs="+", help="only these students")
     p.add_argument("--seconds", type=float, default=None, help="timed seconds per measurement (at least)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (at least)")

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 NUM_CLASSES = {"fashion-mnist": 10, "cifar100": 100, "cub200": 200}
-METHODS = ("student", "rkd", "aml", "refilled-emb", "refilled-minus", "refilled")
-VARIANTS = ("refilled-emb", "refilled-minus", "refilled")
-BASELINES = ("student", "rkd", "aml")
+# Profile keys that set a hyper-parameter of every method declaring it (the grid's values).
+GRID_KEYS = ("lam", "k_hat")
 EXPERIMENTS = ("table1", "table2")
 _ARCH = re.compile(r"(wrn-(\d+)-(\d+))|(mobilenet-(\d+(?:\.\d+)?))")
 
@@ -67,6 +66,43 @@ def _where(path) -> str:
     for p in path:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "(top level)"
+
+
+def methods_schema() -> dict:
+    """The schema of a profile's `methods:` section, derived from the methods' declarations."""
+    from refilled.methods import CATALOG
+
+    props = {}
+    for name, entry in CATALOG.items():
+        hp = {k: {**p.schema(), "description": p.meaning} for k, p in entry.settable.items() if k not in GRID_KEYS}
+        props[name] = {"type": "object", "additionalProperties": False, "properties": hp}
+    return {"description": "hyper-parameters per method (defaults: each method file's HPARAMS)",
+            "type": "object", "additionalProperties": False, "properties": props}
+
+
+def with_catalog(schema: dict) -> dict:
+    """The profile schema with the catalog's parts filled in (method names and hyper-parameters)."""
+    from refilled.methods import CATALOG
+
+    schema = dict(schema, properties=dict(schema["properties"], methods=methods_schema()))
+    exp = schema["$defs"]["experiment"]
+    methods = {"description": "rows of this experiment's table (default: every table method that applies)",
+               "type": "array", "items": {"type": "string", "enum": list(CATALOG)}, "minItems": 1,
+               "uniqueItems": True}
+    schema["$defs"] = dict(schema["$defs"], experiment=dict(exp, properties=dict(exp["properties"], methods=methods)))
+    return schema
+
+
+def method_values(cfg: dict, name: str, **swept) -> dict:
+    """Every hyper-parameter of method `name` in profile `cfg`: the declaration's defaults, the
+    profile's `methods.<name>` section, the grid keys (lam, k_hat), then `swept` values."""
+    from refilled.methods import get
+
+    entry = get(name)
+    overrides = dict((cfg.get("methods") or {}).get(name) or {})
+    overrides.update({k: cfg[k] for k in GRID_KEYS if k in entry.settable and k in cfg})
+    overrides.update(swept)
+    return entry.resolve(overrides, where=f"methods.{name}")
 
 
 def validate_schema(cfg: dict, schema: dict, source: str) -> None:
@@ -138,6 +174,18 @@ def check_semantics(cfg: dict, source: str) -> None:
         problems.append(f"figure1.seed: {f1['seed']} is not one of seeds {cfg['seeds']}")
     need("figure2", f2["experiment"], [f2["ratio"]])
     need("figure3", f3["experiment"], f3["ratios"], f3["arch"])
+    from refilled.methods import ParamError, get
+
+    for name in (cfg.get("methods") or {}):
+        try:
+            method_values(cfg, name)
+        except ParamError as exc:
+            problems.append(str(exc))
+    for name, exp in exps.items():
+        for m in exp.get("methods") or ():
+            if get(m).scored_by != "test_acc":
+                problems.append(f"experiments.{name}.methods: {m} is scored by {get(m).scored_by}, "
+                                "not a row of Tables 1 and 2")
     if len(set(cfg["seeds"])) != len(cfg["seeds"]):
         problems.append(f"seeds: duplicates in {cfg['seeds']}")
     if problems:
@@ -154,7 +202,7 @@ def load_profile(basedir: str | Path, name: str) -> dict:
     cfg = load_yaml(path)
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: must be a mapping of keys to values")
-    validate_schema(cfg, load_yaml(basedir / "workflow" / "schemas" / "config.schema.yaml"), str(path))
+    validate_schema(cfg, with_catalog(load_yaml(basedir / "workflow" / "schemas" / "config.schema.yaml")), str(path))
     check_semantics(cfg, str(path))
     return cfg
 

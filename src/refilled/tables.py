@@ -16,12 +16,11 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
-from refilled.config import METHODS, fmt
+from refilled.config import fmt
 from refilled.io import atomic_write_text, read_json, write_csv
+from refilled.methods import CATALOG, ParamError, get, table_methods
 
-# Row labels as in the supplement (ASCII for the superscripts, so the CSV reads everywhere).
-METHOD_LABELS = {"student": "Student", "rkd": "RKD", "aml": "AML", "refilled-emb": "REFILLED^EMB",
-                 "refilled-minus": "REFILLED^-", "refilled": "REFILLED"}
+NOT_APPLICABLE = "—"   # a method that does not apply to a cell's label spaces (KD when the classes differ)
 KHAT_LABELS = {"1": "1 (triplet)", "5": "5", "inf": "inf (tuple)"}
 
 
@@ -55,14 +54,18 @@ def _record(path: Path, table: str) -> dict:
     except FileNotFoundError:
         raise TableError(f"{path}: no such summary (did the run finish?)") from None
     ratio = _ratio_key(s["split"]["ratio"])
+    method = s.get("method")
+    scored_by = CATALOG[method].scored_by if method in CATALOG else None
     if table == "4":
-        if s.get("kind") != "stage1":
-            raise TableError(f"{path}: Table 4 needs stage-1 runs, this is a {s.get('kind')} run")
+        if scored_by != "ncm_acc":
+            raise TableError(f"{path}: Table 4 needs stage-1 (NCM-scored) runs, this is a {method} run "
+                             f"on the {s.get('task')} task")
         return {"ratio": ratio, "column": _k_hat_key(s["params"].get("k_hat")), "row": ratio, "arch": s["arch"],
                 "seed": s["seed"], "value": 100.0 * s["ncm_acc"], "summary": str(path)}
-    if s.get("kind") not in ("stage2", "baseline") or s.get("method") not in METHODS:
-        raise TableError(f"{path}: Tables 1/2 need stage-2 or baseline runs of {', '.join(METHODS)}; "
-                         f"this is {s.get('kind')} {s.get('method')}")
+    if scored_by != "test_acc" or s.get("task") != "student":
+        raise TableError(f"{path}: Tables 1/2 need student runs of methods scored by test accuracy "
+                         f"({', '.join(e for e in CATALOG if CATALOG[e].scored_by == 'test_acc')}); "
+                         f"this is {method} on the {s.get('task')} task")
     return {"ratio": ratio, "column": s["arch"], "row": s["method"], "arch": s["arch"], "seed": s["seed"],
             "value": 100.0 * s["test_acc"], "summary": str(path), "lam": s.get("params", {}).get("lam")}
 
@@ -72,12 +75,16 @@ def collect(table: str, summaries: Iterable[Path], ratios: list[float], columns:
     """Records (one per run) and {(ratio, row, column): [values]}; raises TableError on any gap."""
     ratios_k = [_ratio_key(r) for r in ratios]
     columns = [_k_hat_key(c) if table == "4" else c for c in columns]
-    rows = ratios_k if table == "4" else list(methods or METHODS)
+    rows = ratios_k if table == "4" else list(methods or table_methods())
+    for m in rows if table != "4" else ():
+        try:
+            get(m)
+        except ParamError as exc:
+            raise TableError(str(exc)) from None
     records, cells, seen = [], {}, set()
     for path in summaries:
         rec = _record(Path(path), table)
-        if table != "4" and lam is not None and rec["row"] in ("refilled", "refilled-minus") \
-                and not math.isclose(rec["lam"], lam):
+        if table != "4" and lam is not None and rec["lam"] is not None and not math.isclose(rec["lam"], lam):
             raise TableError(f"{path}: lambda {rec['lam']} but the table's REFILLED rows use lambda {lam}")
         key = (rec["ratio"], rec["row"], rec["column"])
         if rec["ratio"] not in ratios_k or rec["row"] not in rows or rec["column"] not in columns:
@@ -89,7 +96,7 @@ def collect(table: str, summaries: Iterable[Path], ratios: list[float], columns:
         cells.setdefault(key, []).append(rec["value"])
         records.append(rec)
     keys = [(r, r, c) for r in ratios_k for c in columns] if table == "4" else \
-        [(r, m, c) for r in ratios_k for m in rows for c in columns]
+        [(r, m, c) for r in ratios_k for m in rows for c in columns if applies(m, r)]
     missing = [k for k in keys if k not in cells]
     if missing:
         raise TableError(f"table {table}: no runs for {len(missing)} cell(s), e.g. {missing[:3]}")
@@ -102,6 +109,15 @@ def collect(table: str, summaries: Iterable[Path], ratios: list[float], columns:
         raise TableError(f"table {table}: every cell needs the same seeds {sorted(every)}; "
                          f"{len(uneven)} cell(s) lack some, e.g. {uneven[:3]}")
     return records, cells
+
+
+def applies(method: str, ratio) -> bool:
+    """Whether a method has a cell at this overlap ratio (same classes: r = 1 under the split rule)."""
+    return CATALOG[method].applies_to == "any" or float(ratio) == 1.0
+
+
+def _cell(cells: dict, key) -> str:
+    return cell(cells[key]) if key in cells else NOT_APPLICABLE
 
 
 def write_table(table: str, summaries: list[Path], ratios: list[float], columns: list[str],
@@ -125,9 +141,9 @@ def write_table(table: str, summaries: list[Path], ratios: list[float], columns:
         long_rows = [{"ratio": r["ratio"], "k_hat": r["column"], "arch": r["arch"], "seed": r["seed"],
                       "ncm_acc": r["value"], "summary": r["summary"]} for r in records]
     else:
-        rows = list(methods or METHODS)
+        rows = list(methods or table_methods())
         header = ["ratio", "method"] + list(columns)
-        wide = [{"ratio": r, "method": METHOD_LABELS[m], **{c: cell(cells[(r, m, c)]) for c in columns}}
+        wide = [{"ratio": r, "method": CATALOG[m].label, **{c: _cell(cells, (r, m, c)) for c in columns}}
                 for r in ratios_k for m in rows]
         what = "test accuracy (%) at the final epoch, mean ± std over seeds"
         md.append(f"**Table {table}.** {what}.\n")
@@ -136,7 +152,7 @@ def write_table(table: str, summaries: list[Path], ratios: list[float], columns:
             md.append("| method | " + " | ".join(columns) + " |")
             md.append("|---" * (len(columns) + 1) + "|")
             for m in rows:
-                md.append(f"| {METHOD_LABELS[m]} | " + " | ".join(cell(cells[(r, m, c)]) for c in columns) + " |")
+                md.append(f"| {CATALOG[m].label} | " + " | ".join(_cell(cells, (r, m, c)) for c in columns) + " |")
         long_fields = ["ratio", "method", "arch", "seed", "test_acc", "summary"]
         long_rows = [{"ratio": r["ratio"], "method": r["row"], "arch": r["arch"], "seed": r["seed"],
                       "test_acc": r["value"], "summary": r["summary"]} for r in records]

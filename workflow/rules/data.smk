@@ -12,8 +12,9 @@ rule prepare_data:
     benchmark:
         f"{BENCH}/prepare_data/{{dataset}}.tsv"
     params:
+        refilled=REFILLED,
         test=lambda wc: P["test_per_class"] or "all",
         train=lambda wc: P["train_per_class"] or "all",
     shell:
-        "{REFILLED} prepare-data --dataset {wildcards.dataset} --root data/raw --out {DATA} "
+        "{params.refilled} prepare-data --dataset {wildcards.dataset} --root data/raw --out {DATA} "
         "--test-per-class {params.test} --train-per-class {params.train} --seed 0 > {log} 2>&1"

@@ -5,8 +5,8 @@
 
 rule lambda_auc:
     input:
+        # each run's lambda_i.csv is written before its summary.json (the method's finish)
         summaries=summaries(figure3_runs()),
-        lambda_i=[f"{d}/lambda_i.csv" for d in figure3_runs()],
     output:
         report("results/lambda_auc.csv", caption="../report/lambda_auc.rst", category="Figures",
                subcategory="Figure 3"),
@@ -15,6 +15,7 @@ rule lambda_auc:
     benchmark:
         f"{BENCH}/lambda_auc.tsv"
     params:
+        refilled=REFILLED,
         runs=figure3_runs(),
     shell:
-        "{REFILLED} lambda-auc --runs {params.runs} --out {output} > {log} 2>&1"
+        "{params.refilled} lambda-auc --runs {params.runs} --out {output} > {log} 2>&1"

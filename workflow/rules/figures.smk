@@ -13,9 +13,10 @@ rule figure1:
     benchmark:
         f"{BENCH}/figure1.tsv"
     params:
+        refilled=REFILLED,
         runs=figure1_runs(),
     shell:
-        "{REFILLED} figure --figure 1 --runs {params.runs} --out figures/figure1_convergence > {log} 2>&1"
+        "{params.refilled} figure --figure 1 --runs {params.runs} --out figures/figure1_convergence > {log} 2>&1"
 
 
 rule figure2:
@@ -30,15 +31,15 @@ rule figure2:
     benchmark:
         f"{BENCH}/figure2.tsv"
     params:
+        refilled=REFILLED,
         runs=figure2_runs(),
     shell:
-        "{REFILLED} figure --figure 2 --runs {params.runs} --out figures/figure2_lambda_sweep > {log} 2>&1"
+        "{params.refilled} figure --figure 2 --runs {params.runs} --out figures/figure2_lambda_sweep > {log} 2>&1"
 
 
 rule figure3:
     input:
-        summaries(figure3_runs()),
-        [f"{d}/lambda_i.csv" for d in figure3_runs()],
+        summaries(figure3_runs()),   # lambda_i.csv is written before each summary.json
     output:
         png=report("figures/figure3_lambda_hist.png", caption="../report/figure3.rst", category="Figures",
                    subcategory="Figure 3"),
@@ -48,6 +49,7 @@ rule figure3:
     benchmark:
         f"{BENCH}/figure3.tsv"
     params:
+        refilled=REFILLED,
         runs=figure3_runs(),
     shell:
-        "{REFILLED} figure --figure 3 --runs {params.runs} --out figures/figure3_lambda_hist > {log} 2>&1"
+        "{params.refilled} figure --figure 3 --runs {params.runs} --out figures/figure3_lambda_hist > {log} 2>&1"

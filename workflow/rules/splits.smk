@@ -9,6 +9,8 @@ rule split:
         "results/logs/splits/{dataset}/h{h}/r{ratio}/seed{seed}.log",
     benchmark:
         "results/benchmarks/splits/{dataset}/h{h}/r{ratio}/seed{seed}.tsv"
+    params:
+        refilled=REFILLED,
     shell:
-        "{REFILLED} split --dataset {wildcards.dataset} --ratio {wildcards.ratio} --seed {wildcards.seed} "
+        "{params.refilled} split --dataset {wildcards.dataset} --ratio {wildcards.ratio} --seed {wildcards.seed} "
         "--classes-per-task {wildcards.h} --out {output} > {log} 2>&1"

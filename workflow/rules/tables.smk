@@ -1,11 +1,6 @@
 # Stage: tables. Every number is read from the summary.json files listed as inputs.
 
 
-def _table_rule_params(exp):
-    e = EXPS[exp]
-    return {"ratios": " ".join(fmt(r) for r in e["ratios"]), "columns": " ".join(e["students"])}
-
-
 rule table1:
     input:
         summaries(table_runs("table1")),
@@ -18,10 +13,12 @@ rule table1:
     benchmark:
         f"{BENCH}/table1.tsv"
     params:
-        **_table_rule_params("table1"),
+        refilled=REFILLED,
+        lam=LAM,
+        **table_rule_params("table1"),
     shell:
-        "{REFILLED} table --table 1 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
-        "--lam {LAM} --out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
+        "{params.refilled} table --table 1 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
+        "--methods {params.methods} --lam {params.lam} --out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
 
 
 rule table2:
@@ -36,10 +33,12 @@ rule table2:
     benchmark:
         f"{BENCH}/table2.tsv"
     params:
-        **_table_rule_params("table2"),
+        refilled=REFILLED,
+        lam=LAM,
+        **table_rule_params("table2"),
     shell:
-        "{REFILLED} table --table 2 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
-        "--lam {LAM} --out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
+        "{params.refilled} table --table 2 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
+        "--methods {params.methods} --lam {params.lam} --out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
 
 
 rule table4:
@@ -54,8 +53,9 @@ rule table4:
     benchmark:
         f"{BENCH}/table4.tsv"
     params:
+        refilled=REFILLED,
         ratios=" ".join(fmt(r) for r in P["table4"]["ratios"]),
         columns=" ".join(k_hat_value(k) for k in P["table4"]["k_hats"]),
     shell:
-        "{REFILLED} table --table 4 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
+        "{params.refilled} table --table 4 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
         "--out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"

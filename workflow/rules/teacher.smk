@@ -7,14 +7,15 @@ rule teacher:
         split=lambda wc: split_file(wc.exp, 0, wc.seed),
         data=lambda wc: data_ready(wc.exp),
     output:
-        summary=f"{RUNS}/teachers/{{exp}}/seed{{seed}}/summary.json",
-        model=f"{RUNS}/teachers/{{exp}}/seed{{seed}}/model.pt",
-        metrics=f"{RUNS}/teachers/{{exp}}/seed{{seed}}/metrics.csv",
+        **{f.split(".")[0]: f"{RUNS}/{TEACHER_RUN}/{f}" for f in RUN_FILES},
     log:
-        f"{LOGS}/teachers/{{exp}}/seed{{seed}}.log",
+        f"{LOGS}/{TEACHER_RUN}.log",
     benchmark:
-        f"{BENCH}/teachers/{{exp}}/seed{{seed}}.tsv"
+        f"{BENCH}/{TEACHER_RUN}.tsv"
     params:
+        refilled=REFILLED,
+        gpus=GPUS,
+        slots=SLOTS,
         out=lambda wc, output: os.path.dirname(output.summary),
         arch=lambda wc: EXPS[wc.exp]["teacher"]["arch"],
         epochs=lambda wc: EXPS[wc.exp]["teacher"]["epochs"],
@@ -24,6 +25,6 @@ rule teacher:
     resources:
         gpu=1,
     shell:
-        "{REFILLED} pin --gpus {GPUS} --per-gpu {SLOTS} --threads {threads} -- "
-        "train-teacher --split {input.split} --arch {params.arch} --epochs {params.epochs} {params.per_class} "
+        "{params.refilled} pin --gpus {params.gpus} --per-gpu {params.slots} --threads {threads} -- "
+        "train --method student --task teacher --split {input.split} --arch {params.arch} --epochs {params.epochs} {params.per_class} "
         "--seed {wildcards.seed} {params.common} --out {params.out} > {log} 2>&1"

@@ -19,6 +19,7 @@ Fields of a line:
 - path: hyper-parameters spelled in the run directory's name, with their prefix
   (`stage1_kinf`, `refilled_lam2`), because the workflow sweeps them
 - schedule: the learning-rate schedule of its recipe
+- epochs: the experiment key (config/<profile>.yaml) holding its number of epochs
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Entry:
     preset: dict = field(default_factory=dict)
     path: dict = field(default_factory=dict)
     schedule: str = "multistep"
+    epochs: str = "stage2_epochs"
 
     @property
     def module(self) -> str:
@@ -105,7 +107,8 @@ CATALOG: dict[str, Entry] = {e.name: e for e in (
     Entry("rkd", "refilled.methods.rkd:RKD", "RKD"),
     Entry("aml", "refilled.methods.aml:AML", "AML"),
     Entry("stage1", "refilled.methods.stage1:ComparisonMatching", "REFILLED stage 1", scored_by="ncm_acc",
-          in_tables=False, path={"k_hat": "k"}, schedule="cosine"),
+          in_tables=False, path={"k_hat": "k"}, schedule="cosine",
+          epochs="stage1_epochs"),
     Entry("refilled-emb", "refilled.methods.stage2:LocalDistillation", "REFILLED^EMB", starts_from="stage1",
           preset={"weighting": "none"}, path={"lam": "lam"}),
     Entry("refilled-minus", "refilled.methods.stage2:LocalDistillation", "REFILLED^-", starts_from="stage1",

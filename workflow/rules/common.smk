@@ -1,0 +1,160 @@
+# Configuration, path patterns and input functions shared by every rule (defined once).
+# Pure Python: nothing here imports torch (the scheduler process stays light).
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+BASE = Path(workflow.basedir)
+sys.path.insert(0, str(BASE / "src"))
+from refilled.config import ConfigError, fmt, k_hat_value, load_profile, method_values  # noqa: E402
+from refilled.methods import CATALOG  # noqa: E402
+from refilled.pin import count_gpus  # noqa: E402
+from refilled.tables import applies  # noqa: E402
+
+
+# ---- configuration: params.yaml (profile name) -> config/<profile>.yaml, validated ----
+_unknown = sorted(set(config) - {"profile"})
+if _unknown:
+    raise WorkflowError(f"params.yaml / --config: unknown key(s) {', '.join(map(repr, _unknown))}; the only key is "
+                        "'profile' (every number lives in config/<profile>.yaml)")
+PROFILE = str(config.get("profile", "demo"))
+try:
+    P = load_profile(BASE, PROFILE)
+except ConfigError as exc:
+    raise WorkflowError(f"configuration error: {exc}") from None
+
+EXPS = P["experiments"]
+SEEDS = P["seeds"]
+LAM = P["lam"]
+
+# `refilled` beside the Python running Snakemake (.venv/bin/snakemake works without activating the venv)
+_beside = Path(sys.executable).parent / "refilled"
+REFILLED = str(_beside) if _beside.is_file() else "refilled"
+
+# ---- where things go (seeds explicit in every path that depends on them) ----
+DATA = f"data/prepared/{PROFILE}"           # data rule's outputs: <dataset>.json (+ the subsample, if any)
+# the data root every run reads: the subsample the data rule writes, or data/raw itself
+DATA_ROOT = DATA if P["test_per_class"] or P["train_per_class"] else "data/raw"
+RUNS = f"results/runs/{PROFILE}"            # run directories: metrics.csv, model.pt, summary.json
+LOGS = f"results/logs/{PROFILE}"
+BENCH = f"results/benchmarks/{PROFILE}"
+TEACHER_RUN = "teachers/{exp}/seed{seed}"
+STUDENT_RUN = "students/{exp}/r{ratio}/{arch}/seed{seed}/{method}{tag}"   # tag: the swept hyper-parameters
+RUN_FILES = ("summary.json", "model.pt", "metrics.csv")                    # what every run declares
+
+
+# ---- GPUs: each training job declares gpu=1; `refilled pin` picks a free GPU slot at run time ----
+GPUS = P["gpus"]                       # passed to `refilled pin` (auto: counted on the node that runs the job)
+SLOTS = P["gpu_slots_per_gpu"]
+N_GPUS = count_gpus("auto") if GPUS == "auto" else int(GPUS)
+if N_GPUS > 0 and "gpu" not in workflow.global_resources:
+    # a local run never starts more GPU jobs than slots; `--resources gpu=N` on the command line wins
+    workflow.register_resource("gpu", N_GPUS * SLOTS)
+
+
+wildcard_constraints:
+    exp="|".join(EXPS),
+    dataset="fashion-mnist|cifar100|cub200",
+    h=r"\d+",
+    ratio=r"\d+(\.\d+)?",
+    arch=r"wrn-\d+-\d+|mobilenet-\d+(\.\d+)?",
+    seed=r"\d+",
+    method="|".join(re.escape(m) for m in sorted(CATALOG, key=len, reverse=True)),
+    tag=r"(_[a-z]+[A-Za-z0-9.]*)*",
+
+
+# ---- path helpers (the rules and the targets use the same ones) ----
+def split_file(exp, ratio, seed):
+    e = EXPS[exp]
+    return f"data/splits/{e['dataset']}/h{e['classes_per_task']}/r{fmt(ratio)}/seed{seed}.json"
+
+
+def data_ready(exp):
+    return f"{DATA}/{EXPS[exp]['dataset']}.json"
+
+
+def teacher_dir(exp, seed):
+    return f"{RUNS}/" + TEACHER_RUN.format(exp=exp, seed=seed)
+
+
+def run_dir(exp, ratio, arch, seed, method, **swept):
+    """The run of `method` for one cell, at the profile's hyper-parameters (`swept` overrides some)."""
+    name = CATALOG[method].run_name(method_values(P, method, **swept))
+    return f"{RUNS}/" + STUDENT_RUN.format(exp=exp, ratio=fmt(ratio), arch=arch, seed=seed, method=name, tag="")
+
+
+def tag_values(method, tag):
+    """The swept hyper-parameters spelled in a run directory's tag, e.g. '_lam0.5' -> {'lam': '0.5'}."""
+    prefixes = CATALOG[method].path
+    values = {}
+    for part in filter(None, tag.split("_")):
+        key = next((k for k, p in prefixes.items() if part.startswith(p)), None)
+        if key is None:
+            raise WorkflowError(f"run directory {method}{tag}: {part!r} is not a swept hyper-parameter of {method} "
+                                f"(its run names spell {', '.join(prefixes.values()) or 'nothing'})")
+        values[key] = part[len(prefixes[key]):]
+    return values
+
+
+def summaries(dirs):
+    return [f"{d}/summary.json" for d in dirs]
+
+
+def per_class_arg(n):
+    return "" if n is None else f"--per-class {n}"
+
+
+def common_args(exp, run=None):
+    """Flags every training run of this profile shares (numbers only). The runs behind Figure 1
+    evaluate after every epoch (its curves); that changes no reported number."""
+    every = 1 if run in figure1_runs() else P["eval_every"]
+    return (f"--data-root {DATA_ROOT} --no-checksum --batch-size {P['batch_size']} --num-workers {P.get('num_workers', 0)} "
+            f"--eval-every {every} --device {P['device']} --profile {PROFILE}")
+
+
+# ---- the runs behind each table and figure ----
+def table_methods(exp):
+    listed = EXPS[exp].get("methods")
+    return list(listed) if listed else [m for m, e in CATALOG.items() if e.in_tables]
+
+
+def table_runs(exp):
+    return [run_dir(exp, r, a, s, m) for r in EXPS[exp]["ratios"] for m in table_methods(exp) if applies(m, r)
+            for a in EXPS[exp]["students"] for s in SEEDS]
+
+
+def table4_runs():
+    t4 = P["table4"]
+    return [run_dir(t4["experiment"], r, t4["arch"], s, "stage1", k_hat=k_hat_value(k))
+            for r in t4["ratios"] for k in t4["k_hats"] for s in SEEDS]
+
+
+def figure1_runs():
+    f = P["figure1"]
+    return [run_dir(f["experiment"], f["ratio"], f["arch"], f["seed"], m) for m in ("stage1", "refilled")]
+
+
+def figure2_runs():
+    f = P["figure2"]
+    return [run_dir(f["experiment"], f["ratio"], a, s, "refilled", lam=lam)
+            for a in EXPS[f["experiment"]]["students"] for lam in f["lams"] for s in SEEDS]
+
+
+def figure3_runs():
+    f = P["figure3"]
+    return [run_dir(f["experiment"], r, f["arch"], s, "refilled", lam=f["lam"]) for r in f["ratios"] for s in SEEDS]
+
+
+def table_rule_params(exp):
+    e = EXPS[exp]
+    return {"ratios": " ".join(fmt(r) for r in e["ratios"]), "columns": " ".join(e["students"]),
+            "methods": " ".join(table_methods(exp))}
+
+
+TABLES = [f"results/table{t}{suffix}" for t in (1, 2, 4) for suffix in (".csv", "_long.csv", ".md")]
+FIGURES = [f"figures/{name}.{ext}" for name in ("figure1_convergence", "figure2_lambda_sweep", "figure3_lambda_hist")
+           for ext in ("png", "pdf")]
