@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -453,7 +454,7 @@ def test_teach_term_per_variant(chain):
 def test_batch_centers_change_the_teaching_term(chain):
     ok(chain.results["stage2-batch"])
     summary = json.loads((chain.dirs["stage2-batch"] / "summary.json").read_text())
-    assert summary["centers"] == "batch" and summary["params"]["centers"] == "batch"
+    assert summary["params"]["centers"] == "batch"
     batch = [float(r["teach"]) for r in read_rows(chain.dirs["stage2-batch"] / "metrics.csv")]
     fixed = [float(r["teach"]) for r in read_rows(chain.dirs["stage2-refilled"] / "metrics.csv")]
     assert all(t > 0 for t in batch)
@@ -474,7 +475,7 @@ def test_stage2_starts_from_the_stage1_weights(chain):
 def _lambda_rows(chain, name):
     ok(chain.results[name])
     path = chain.dirs[name] / "lambda_i.csv"
-    assert header(path) == ["index", "label", "class", "seen", "p_teacher_true", "lambda_i"]
+    assert header(path) == ["index", "label", "class", "seen", "confidence", "p_teacher_true", "lambda_i"]
     return read_rows(path)
 
 
@@ -497,20 +498,35 @@ def test_lambda_dump_of_refilled(chain):
     assert {int(r["seen"]) for r in rows} == {0, 1}, "the split must have seen and unseen student classes"
 
     p_csv = torch.tensor([float(r["p_teacher_true"]) for r in rows], dtype=torch.float64)
+    w_csv = torch.tensor([float(r["confidence"]) for r in rows], dtype=torch.float64)
     lam = torch.tensor([float(r["lambda_i"]) for r in rows], dtype=torch.float64)
-    assert torch.allclose(lam, 2 * p_csv, atol=3e-6, rtol=0)
 
-    # independent recomputation from the raw files and the teacher's model.pt
+    # independent recomputation from the raw files and the teacher's model.pt (method.md, [C] wgkd):
+    # w_i = -log max_k p_T(k|x_i) of the teacher's own head; per training batch (batch size 8, epoch 0's
+    # seeded order), w~ = (w - min) / (max - min); lambda_i = lam * 2 sigmoid(-w~), lam = 2
+    from refilled.data.batches import epoch_generator
+
     teacher, meta = load_model(chain.dirs["teacher"] / "model.pt")
     assert meta["classes"] == split["teacher_classes"]
     order = {int(i): k for k, i in enumerate(expected_idx)}
-    emb = forward(teacher, images).embedding.double()
+    mine = [order[int(i)] for i in idx]
+    out = forward(teacher, images)
+    w = -out.logits.double().log_softmax(1).max(1).values
+    assert (w[mine] - w_csv).abs().max().item() < 1e-4
+    lam_mine = torch.zeros(len(w), dtype=torch.float64)
+    perm = torch.randperm(len(w), generator=epoch_generator(0, 0))   # positions in the task's split order
+    for start in range(0, len(w), 8):
+        b = perm[start:start + 8].tolist()
+        lo, hi = min(w[b].tolist()), max(w[b].tolist())
+        for i in b:
+            tilde = 0.0 if hi == lo else (float(w[i]) - lo) / (hi - lo)
+            lam_mine[i] = 2 * 2 / (1 + math.exp(tilde))
+    assert (lam_mine[mine] - lam).abs().max().item() < 1e-4, (lam_mine[mine] - lam).abs().max()
+    assert lam.max() - lam.min() > 1e-2, lam   # the check means something only if lambda_i varies
+    emb = out.embedding.double()
     centres = F.normalize(torch.stack([emb[labels == k].mean(0) for k in range(len(classes))]), dim=1)
-    p_all = ((emb @ centres.T) / 2).softmax(1).gather(1, labels[:, None]).squeeze(1)
-    p_mine = p_all[[order[int(i)] for i in idx]]
-    assert (p_mine - p_csv).abs().max().item() < 1e-4, (p_mine - p_csv).abs().max()
-    # the check above only means something if p_T is not (nearly) constant
-    assert p_csv.max() - p_csv.min() > 1e-2, p_csv
+    p_all = (emb @ centres.T).softmax(1).gather(1, labels[:, None]).squeeze(1)   # tau2 = 1
+    assert (p_all[mine] - p_csv).abs().max().item() < 1e-4, (p_all[mine] - p_csv).abs().max()
 
 
 @pytest.mark.parametrize("name,expected", [("stage2-refilled-minus", 2.0), ("stage2-refilled-emb", 0.0)])

@@ -53,8 +53,6 @@ __all__ = [
 ]
 
 WEIGHTINGS = ("confidence", "true-class", "constant", "none")
-# alias removed by the catalog rewiring
-_WEIGHTING_ALIASES = {"adaptive": "true-class"}
 KL_SCALES = ("none", "tau2")
 K_MODES = ("per-pair", "batch-min")
 
@@ -346,7 +344,6 @@ def confidence_weights(teacher_logits: torch.Tensor, lam: float = 1.0) -> torch.
 
 
 def _resolve_weighting(weighting: str) -> str:
-    weighting = _WEIGHTING_ALIASES.get(weighting, weighting)  # alias removed by the catalog rewiring
     if weighting not in WEIGHTINGS:
         raise ValueError(
             "weighting must be one of 'confidence', 'true-class' (alias 'adaptive'), 'constant', 'none'; "

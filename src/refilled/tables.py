@@ -170,7 +170,8 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def write_lambda_auc(runs: list[Path], out: Path) -> list[dict]:
-    """One row per stage-2 run: AUC of lambda_i for seen (teacher's classes) vs unseen instances."""
+    """One row per stage-2 run: AUC of lambda_i for seen (teacher's classes) vs unseen instances,
+    and of the teacher's raw confidence (-w_i) beside it."""
     from sklearn.metrics import roc_auc_score
 
     rows = []
@@ -181,12 +182,17 @@ def write_lambda_auc(runs: list[Path], out: Path) -> list[dict]:
         seen = [int(r["seen"]) for r in lam_rows]
         lam_i = [float(r["lambda_i"]) for r in lam_rows]
         n_seen, n_unseen = sum(seen), len(seen) - sum(seen)
-        auc = roc_auc_score(seen, lam_i) if n_seen and n_unseen else None
+        both = n_seen and n_unseen
+        auc = roc_auc_score(seen, lam_i) if both else None
+        # the raw confidence for reference: a low w_i = -log max p_T means a confident teacher
+        auc_conf = roc_auc_score(seen, [-float(r["confidence"]) for r in lam_rows]) \
+            if both and "confidence" in lam_rows[0] else None
         mean = lambda xs: round(statistics.fmean(xs), 6) if xs else ""
         rows.append({"run": str(run), "ratio": _ratio_key(s["split"]["ratio"]), "arch": s["arch"], "seed": s["seed"],
                      "method": s["method"], "lam": s["params"]["lam"], "n_seen": n_seen, "n_unseen": n_unseen,
                      "mean_lambda_seen": mean([l for l, z in zip(lam_i, seen) if z]),
                      "mean_lambda_unseen": mean([l for l, z in zip(lam_i, seen) if not z]),
-                     "auc": "" if auc is None else round(float(auc), 6)})
+                     "auc": "" if auc is None else round(float(auc), 6),
+                     "auc_confidence": "" if auc_conf is None else round(float(auc_conf), 6)})
     write_csv(out, rows, list(rows[0]))
     return rows
