@@ -53,30 +53,24 @@ def _batches(n=4, seed=0, device=None):
     return out
 
 
+# test name -> (catalog method, hyper-parameter overrides)
+CASES = {"ce": ("student", {}), "stage1": ("stage1", {}), "stage1-k5": ("stage1", {"k_hat": 5}),
+         "stage2": ("refilled", {}), "stage2-batch": ("refilled-minus", {"centers": "batch"}),
+         "rkd": ("rkd", {}), "aml": ("aml", {})}
+
+
 def _method(name, seed=0):
-    from refilled.methods import CrossEntropy
-    from refilled.methods.distill import AML, RKD, ComparisonMatching, LocalDistillation
+    from refilled.methods import CATALOG
     from refilled.models import build_model
 
+    method_name, overrides = CASES[name]
+    entry = CATALOG[method_name]
     torch.manual_seed(seed)
     student = build_model("wrn-16-1", C)
-    teacher = build_model("wrn-16-2", 6).eval()
-    if name == "ce":
-        m = CrossEntropy(student)
-    elif name == "stage1":
-        m = ComparisonMatching(student, teacher, k_hat=None)
-    elif name == "stage1-k5":
-        m = ComparisonMatching(student, teacher, k_hat=5)
-    elif name == "stage2":
-        m = LocalDistillation(student, teacher, F.normalize(torch.randn(C, teacher.embedding_dim), dim=1))
-    elif name == "stage2-batch":
-        m = LocalDistillation(student, teacher, None, "constant")
-    elif name == "rkd":
-        m = RKD(student, teacher)
-    elif name == "aml":
-        m = AML(student, teacher)
-    else:
-        raise KeyError(name)
+    teacher = build_model("wrn-16-2", 6).eval() if entry.teacher else None
+    m = entry.build(student, teacher, entry.resolve(overrides))
+    if hasattr(m, "set_centers"):       # stage 2: fixed centres (random unit vectors) instead of prepare()
+        m.set_centers(F.normalize(torch.randn(C, teacher.embedding_dim), dim=1))
     return m.to(DEV).to(memory_format=torch.channels_last)
 
 
@@ -372,7 +366,7 @@ def test_fit_on_cuda_with_graph_matches_eager_fit_and_resumes():
     from refilled.data.batches import Batches, task_split
     from refilled.data.datasets import ArraySplit, Dataset
     from refilled.io import load_tensors
-    from refilled.methods import CrossEntropy
+    from refilled.methods.student import Student
     from refilled.models import build_model
     from refilled.train import OptimConfig, fit
 
@@ -402,7 +396,7 @@ def test_fit_on_cuda_with_graph_matches_eager_fit_and_resumes():
             train = Batches(split, ds, 32, True, DEV, seed=1)
             torch.manual_seed(1)
             models[mode] = build_model("wrn-16-1", 4)
-            rows[mode] = fit(CrossEntropy(models[mode]), train, lambda: {}, cfg, Path(tmp) / mode, DEV, 1, graph=mode)
+            rows[mode] = fit(Student(models[mode]), train, lambda: {}, cfg, Path(tmp) / mode, DEV, 1, graph=mode)
         assert math.isclose(rows["on"]["ce"], rows["off"]["ce"], rel_tol=5e-2), rows
         assert abs(rows["on"]["train_acc"] - rows["off"]["train_acc"]) < 0.1, rows
 
@@ -410,7 +404,7 @@ def test_fit_on_cuda_with_graph_matches_eager_fit_and_resumes():
         torch.manual_seed(1)
         stopped = StopAtEpoch(split, ds, 32, True, DEV, seed=1, stop_at=2)
         try:
-            fit(CrossEntropy(build_model("wrn-16-1", 4)), stopped, lambda: {}, cfg, run, DEV, 1, graph="on")
+            fit(Student(build_model("wrn-16-1", 4)), stopped, lambda: {}, cfg, run, DEV, 1, graph="on")
         except Stop:
             pass
         else:
@@ -419,7 +413,7 @@ def test_fit_on_cuda_with_graph_matches_eager_fit_and_resumes():
         torch.manual_seed(99)                    # another initialisation: only resume.pt can make it match
         model = build_model("wrn-16-1", 4)
         again = StopAtEpoch(split, ds, 32, True, DEV, seed=1, stop_at=-1)
-        last = fit(CrossEntropy(model), again, lambda: {}, cfg, run, DEV, 1, graph="on")
+        last = fit(Student(model), again, lambda: {}, cfg, run, DEV, 1, graph="on")
         assert again.epochs == [2], f"the resumed run trained epochs {again.epochs}, not only the third"
         assert last["epoch"] == 3
         straight = load_tensors(Path(tmp) / "on" / "resume.pt")["rows"]
