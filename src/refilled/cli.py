@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list the catalog: methods, their hyper-parameters and defaults",
                              description="The catalog (src/refilled/methods/catalog.py) as a Markdown table; "
                                          "the README's method table is this output.")
+    methods.add_argument("--readme", type=Path, help="rewrite the methods-table block of this README instead")
     methods.set_defaults(func=cmd_methods)
 
     ncm = sub.add_parser("ncm", help="NCM accuracy of a model's embedding on one task of a split",
@@ -299,9 +300,20 @@ def cmd_train(args) -> int:
 
 
 def cmd_methods(args) -> int:
+    import re
+
+    from refilled.io import atomic_write_text
     from refilled.methods.catalog import protocol_table
 
-    print(protocol_table(), end="")
+    if not args.readme:
+        print(protocol_table(), end="")
+        return 0
+    text = args.readme.read_text(encoding="utf-8")
+    block = re.compile(r"(<!-- methods-table[^\n]*-->\n)(.*?)(<!-- /methods-table -->)", re.S)
+    if not block.search(text):
+        raise ValueError(f"{args.readme}: no '<!-- methods-table -->' ... '<!-- /methods-table -->' block")
+    atomic_write_text(args.readme, block.sub(lambda m: m.group(1) + protocol_table() + m.group(3), text))
+    print(f"{args.readme}: methods table updated")
     return 0
 
 
