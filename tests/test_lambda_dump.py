@@ -1,9 +1,11 @@
 """The λ_i dump (lambda_i.csv) of a stage-2 run trained with per-batch class centres
-(`train-stage2 --centers batch`): training used centres from each batch, but the dump, like
-the fixed-centre run's, uses the teacher's class centres from all the student's un-augmented
-training images, computed before training (README, protocol table). Checked against an
-independent recomputation from the raw files and the teacher's model.pt, and against the
-dump of the same run with fixed centres (p_T must not depend on the centre mode).
+(`train-stage2 --centers batch`): training used centres from each batch, but wherever the
+dump uses centres (p_teacher_true, the local classifier over all student classes, and λ_i
+under `weighting: true-class`) they are, as in the fixed-centre run, the teacher's class
+centres of all the student's un-augmented training images, computed before training (README,
+protocol table). Checked against an independent recomputation of p_teacher_true from the raw
+files and the teacher's model.pt, and against the dump of the same run with fixed centres
+(the dump must not depend on the centre mode), for the default weighting and for true-class.
 
 Tiny fake Fashion-MNIST on the CPU (the chain of tests/test_cli.py, shortened: teacher,
 stage 1, stage 2 twice)."""
@@ -70,20 +72,25 @@ def runs(tmp_path_factory):
              "--out", split]))
     common = ["--split", split, "--arch", "wrn-10-1", "--data-root", root, "--no-checksum", "--batch-size", 8,
               "--device", "cpu"]
-    dirs = {name: base / "runs" / name for name in ("teacher", "stage1", "batch", "fixed")}
+    dirs = {name: base / "runs" / name for name in ("teacher", "stage1", "batch", "fixed", "batch-tc", "fixed-tc")}
     _ok(cli(["train-teacher", *common, "--epochs", 2, "--out", dirs["teacher"]]))
     teacher = dirs["teacher"] / "model.pt"
     _ok(cli(["train-stage1", *common, "--epochs", 1, "--teacher", teacher, "--out", dirs["stage1"]]))
-    for name, extra in (("batch", ["--centers", "batch"]), ("fixed", [])):
-        _ok(cli(["train-stage2", *common, "--epochs", 2, "--teacher", teacher, "--init", dirs["stage1"] / "model.pt",
-                 "--variant", "refilled", *extra, "--out", dirs[name]]))
+    s1 = dirs["stage1"] / "model.pt"
+    alias = ["train-stage2", "--variant", "refilled"]      # the issue's spelling: --centers batch
+    train = ["train", "--method", "refilled"]               # the catalog's: --set centers=batch
+    for name, command in (("batch", [*alias, "--centers", "batch"]), ("fixed", alias),
+                          ("batch-tc", [*train, "--set", "centers=batch", "--set", "weighting=true-class"]),
+                          ("fixed-tc", [*train, "--set", "weighting=true-class"])):
+        _ok(cli([*command, *common, "--epochs", 2, "--teacher", teacher, "--init", s1, "--out", dirs[name]]))
     return {"root": root, "split": json.loads(split.read_text()), "dirs": dirs}
 
 
-def _teacher_p_true(runs, centre_images=None):
+def _teacher_p_true(runs, tau: float, centre_images=None):
     """(dataset index -> p_T(y_i | x_i)) from the teacher's model.pt and the raw images: class
     centres = L2-normalised means of the teacher's raw embeddings of the student's training
-    images of each class (or of the `centre_images` subset of them), tau 2."""
+    images of each class (or of the `centre_images` subset of them), softmax of
+    <embedding, centre> / tau over all student classes."""
     split = runs["split"]
     classes = split["student_classes"]
     ds = load_dataset("fashion-mnist", runs["root"], verify_checksums=False)
@@ -98,38 +105,46 @@ def _teacher_p_true(runs, centre_images=None):
     use = torch.arange(len(idx)) if centre_images is None else centre_images(labels)
     centres = torch.stack([emb[use][labels[use] == k].mean(0) for k in range(len(classes))])
     centres = centres / centres.norm(dim=1, keepdim=True)
-    logits = emb @ centres.T / 2.0
+    logits = emb @ centres.T / tau
     p = torch.exp(logits - logits.max(1, keepdim=True).values)
     p = (p / p.sum(1, keepdim=True)).gather(1, labels[:, None]).squeeze(1)
     return {int(i): float(v) for i, v in zip(idx, p)}
 
 
-def test_batch_centres_run_trained_with_batch_centres(runs):
-    summary = json.loads((runs["dirs"]["batch"] / "summary.json").read_text())
-    assert summary["params"]["centers"] == "batch"
-    batch = [float(r["teach"]) for r in _rows(runs["dirs"]["batch"] / "metrics.csv")]
-    fixed = [float(r["teach"]) for r in _rows(runs["dirs"]["fixed"] / "metrics.csv")]
-    assert batch != fixed, "the centre mode did not change training, so the dump test says nothing"
+def _params(runs, name) -> dict:
+    return json.loads((runs["dirs"][name] / "summary.json").read_text())["params"]
 
 
-def test_lambda_dump_under_batch_centres_uses_the_centres_of_all_training_images(runs):
-    rows = _rows(runs["dirs"]["batch"] / "lambda_i.csv")
-    expected = _teacher_p_true(runs)
+@pytest.mark.parametrize("batch,fixed", [("batch", "fixed"), ("batch-tc", "fixed-tc")])
+def test_batch_centres_run_trained_with_batch_centres(runs, batch, fixed):
+    assert _params(runs, batch)["centers"] == "batch" and _params(runs, fixed)["centers"] == "fixed"
+    teach = lambda name: [float(r["teach"]) for r in _rows(runs["dirs"][name] / "metrics.csv")]
+    assert teach(batch) != teach(fixed), "the centre mode did not change training, so the dump test says nothing"
+
+
+@pytest.mark.parametrize("name", ["batch", "batch-tc"])
+def test_lambda_dump_under_batch_centres_uses_the_centres_of_all_training_images(runs, name):
+    rows = _rows(runs["dirs"][name] / "lambda_i.csv")
+    params = _params(runs, name)
+    expected = _teacher_p_true(runs, params["tau"])
     assert sorted(int(r["index"]) for r in rows) == sorted(expected)          # every training image, once
     seen = set(runs["split"]["teacher_classes"])
     assert all(int(r["seen"]) == int(int(r["class"]) in seen) for r in rows)
     p_csv = {int(r["index"]): float(r["p_teacher_true"]) for r in rows}
     assert max(abs(p_csv[i] - expected[i]) for i in expected) < 1e-5      # 6 decimals in the file, float32
-    assert all(abs(float(r["lambda_i"]) - 2.0 * float(r["p_teacher_true"])) < 3e-6 for r in rows)   # λ = 2
+    if params["weighting"] == "true-class":    # λ_i = λ p_T(y_i | x_i) of the batch's classes (here: both)
+        assert all(abs(float(r["lambda_i"]) - params["lam"] * float(r["p_teacher_true"])) < 3e-6 for r in rows)
     # the check can tell centres apart: those of a few images per class (a batch's) give other p_T
-    few = _teacher_p_true(runs, lambda labels: torch.cat([torch.arange(len(labels))[labels == k][:2]
+    few = _teacher_p_true(runs, params["tau"], lambda labels: torch.cat([torch.arange(len(labels))[labels == k][:2]
                                                           for k in range(int(labels.max()) + 1)]))
     assert max(abs(few[i] - expected[i]) for i in expected) > 1e-4
     assert max(p_csv.values()) - min(p_csv.values()) > 1e-2, "p_T nearly constant: the check means little"
 
 
-def test_lambda_dump_does_not_depend_on_the_centre_mode(runs):
-    batch = {r["index"]: r for r in _rows(runs["dirs"]["batch"] / "lambda_i.csv")}
-    fixed = {r["index"]: r for r in _rows(runs["dirs"]["fixed"] / "lambda_i.csv")}
-    assert batch.keys() == fixed.keys()
-    assert all(abs(float(batch[i]["p_teacher_true"]) - float(fixed[i]["p_teacher_true"])) < 2e-6 for i in batch)
+@pytest.mark.parametrize("batch,fixed", [("batch", "fixed"), ("batch-tc", "fixed-tc")])
+def test_lambda_dump_does_not_depend_on_the_centre_mode(runs, batch, fixed):
+    a = {r["index"]: r for r in _rows(runs["dirs"][batch] / "lambda_i.csv")}
+    b = {r["index"]: r for r in _rows(runs["dirs"][fixed] / "lambda_i.csv")}
+    assert a.keys() == b.keys()
+    for column in ("p_teacher_true", "lambda_i"):
+        assert all(abs(float(a[i][column]) - float(b[i][column])) < 2e-6 for i in a), column
