@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from refilled import augment
-from refilled.bench import (COLUMNS, Case, add_bench_parser, cmd_bench, concurrent_rows, main, peak_for_name,
-                            reference_tuple_loss, small_config)
+from refilled.bench import COLUMNS, Case, add_bench_parser, cmd_bench, concurrent_rows, main, peak_for_name, small_config
+from refilled.methods.stage1 import reference_tuple_loss
 from refilled.losses import comparison_matching_loss
 
 CPU = torch.device("cpu")

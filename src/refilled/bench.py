@@ -86,7 +86,7 @@ def peak_for_name(name: str) -> float | None:
 
 @dataclass
 class Case:
-    method: str               # a catalog method: "student" (CE: teacher training), "stage1", "refilled", ...
+    method: str               # a catalog method (bench_methods(): the CE step first)
     student: str
     teacher: str | None
     px: int
@@ -112,85 +112,35 @@ class Config:
     cases: list[Case] = field(default_factory=list)
 
 
+def bench_methods() -> list[str]:
+    """The catalog's bench rows, the CE step (every row's `vs CE` reference) first."""
+    from refilled.methods import CATALOG
+    from refilled.methods.catalog import TEACHER_METHOD
+
+    return [TEACHER_METHOD] + [m for m, e in CATALOG.items() if e.bench and m != TEACHER_METHOD]
+
+
+def _cases(student: str, teacher: str, px: int, batch: int, classes: int = 50, methods=None) -> list[Case]:
+    from refilled.methods import get
+
+    return [Case(m, student, teacher if get(m).teacher else None, px, batch, classes)
+            for m in (methods or bench_methods())]
+
+
 def full_config() -> Config:
     b, b224 = 128, 64
-    cases = []
-    for student in ("wrn-40-2", "wrn-16-1"):
-        cases.append(Case("student", student, None, 32, b))
-    for student in ("wrn-40-2", "wrn-16-1"):
-        for method in ("stage1", "refilled"):
-            cases.append(Case(method, student, "wrn-40-2", 32, b))
-    cases += [Case("student", "mobilenet-1.0", None, 224, b224, 100),
-              Case("stage1", "mobilenet-1.0", "mobilenet-1.0", 224, b224, 100),
-              Case("refilled", "mobilenet-1.0", "mobilenet-1.0", 224, b224, 100)]
+    cases = _cases("wrn-40-2", "wrn-40-2", 32, b) + _cases("wrn-16-1", "wrn-40-2", 32, b) \
+        + _cases("mobilenet-1.0", "mobilenet-1.0", 224, b224, 100)
     return Config("full", b, b224, 224, 256, (375, 500), 10000, 512, warmup=5, min_steps=5, seconds=1.5,
                   sync_every=10, workers=min(8, os.cpu_count() or 1), cases=cases)
 
 
 def small_config() -> Config:
     b = 16
-    cases = [Case("student", "wrn-16-1", None, 32, b, 8),
-             Case("stage1", "wrn-16-1", "wrn-16-1", 32, b, 8),
-             Case("refilled", "wrn-16-1", "wrn-16-1", 32, b, 8),
-             Case("student", "mobilenet-0.25", None, 64, b, 8),
-             Case("stage1", "mobilenet-0.25", "mobilenet-0.25", 64, b, 8)]
+    cases = _cases("wrn-16-1", "wrn-16-1", 32, b, 8) + _cases("mobilenet-0.25", "mobilenet-0.25", 64, b, 8,
+                                                               bench_methods()[:2])
     return Config("small", b, b, 64, 72, (60, 80), 256, 48, warmup=1, min_steps=3, seconds=0.0, sync_every=1,
                   workers=1, cases=cases)
-
-
-# --------------------------------------------------------------------------------------
-# The reference-style stage-1 loss: mined triplets grouped into tuples in Python
-# --------------------------------------------------------------------------------------
-
-
-def reference_tuple_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, labels: torch.Tensor,
-                         tau: float = 4.0, margin: float = 0.2, k_hat: int | None = None) -> torch.Tensor:
-    """Stage-1 comparison matching the way the authors' code builds it: a vectorised miner
-    returns the semi-hard triplets (a, p, n) sorted by (a, p); a Python loop walks the
-    triplets one by one (tensor element comparisons, one host sync each) to find the
-    tuples (a, p); for each tuple a boolean mask over all triplets selects its negatives
-    (the K̂ closest to the anchor kept), which are padded into an index matrix with a
-    validity mask; then KL(p_T || p_S) of each tuple's softmax over
-    [-d(a,p), -d(a,n_1), ...] / tau, averaged over tuples. Same value as the dense form
-    `refilled.losses.comparison_matching_loss` (tests/test_bench.py)."""
-    from refilled.losses import pairwise_distances, semihard_mask
-
-    d_s = pairwise_distances(student_emb)
-    d_t = pairwise_distances(teacher_emb.detach())
-    dev = d_s.device
-    with torch.no_grad():   # the miner
-        anchor_id, positive_id, negative_id = semihard_mask(d_s.detach(), labels, margin).nonzero(as_tuple=True)
-    tuple_a, tuple_p = [], []
-    last_a = last_p = -1
-    for i in range(anchor_id.shape[0]):
-        if anchor_id[i] != last_a or positive_id[i] != last_p:
-            tuple_a.append(anchor_id[i])
-            tuple_p.append(positive_id[i])
-            last_a, last_p = anchor_id[i], positive_id[i]
-    if not tuple_a:
-        return d_s.sum() * 0
-    negatives = []
-    for a, p in zip(tuple_a, tuple_p):
-        negs = negative_id[(anchor_id == a) & (positive_id == p)]
-        if k_hat is not None and negs.shape[0] > k_hat:
-            negs = negs[torch.sort(d_s.detach()[a, negs], stable=True).indices[:k_hat]]
-        negatives.append(negs)
-    width = max(n.shape[0] for n in negatives)
-    neg_idx = torch.stack([torch.cat([n, torch.zeros(width - n.shape[0], dtype=torch.long, device=dev)])
-                           for n in negatives])
-    valid = torch.stack([torch.cat([torch.ones(n.shape[0], dtype=torch.bool, device=dev),
-                                    torch.zeros(width - n.shape[0], dtype=torch.bool, device=dev)])
-                         for n in negatives])
-    a, p = torch.stack(tuple_a), torch.stack(tuple_p)
-
-    def log_probs(d):
-        neg = (-d[a[:, None], neg_idx]).masked_fill(~valid, float("-inf"))
-        return torch.log_softmax(torch.cat([-d[a, p][:, None], neg], 1) / tau, dim=1)
-
-    log_s, log_t = log_probs(d_s), log_probs(d_t)
-    support = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
-    kl = torch.where(support, log_t.exp() * (log_t - log_s), torch.zeros_like(log_s)).sum(1)
-    return kl.mean()
 
 
 class _PrepareOn:
@@ -201,8 +151,8 @@ class _PrepareOn:
 
 
 def build_method(case: Case, device: torch.device, reference: bool = False, seed: int = 0):
-    """The catalog's method of `case` at its default hyper-parameters; `reference` swaps stage 1's
-    dense loss for the Python tuple loop."""
+    """The catalog's method of `case` at its default hyper-parameters; `reference` swaps in the
+    method's `reference_loss` where it has one (stage 1's Python tuple loop)."""
     from refilled.methods import get
     from refilled.models import build_model
 
@@ -211,12 +161,8 @@ def build_method(case: Case, device: torch.device, reference: bool = False, seed
     student = build_model(case.student, case.classes)
     teacher = build_model(case.teacher, case.classes).eval().requires_grad_(False) if entry.teacher else None
     method = entry.build(student, teacher, entry.resolve())
-    if reference and case.method == "stage1":
-        def loss(x, y, m=method):
-            out = m.student(x)
-            cm = reference_tuple_loss(out.embedding, m.teacher_embedding(x), y, m.tau, m.margin, m.k_hat)
-            return out.logits, {"cm": m.scale * cm}
-        method.loss = loss
+    if reference and hasattr(method, "reference_loss"):   # the authors' way of computing the same loss
+        method.loss = method.reference_loss
     method.to(device)
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(case.batch) % case.classes
@@ -543,8 +489,9 @@ def bench_rows(cfg: Config, device: torch.device, reference: bool = True, eager:
             if on_row:
                 on_row(rows)
         for row in rows:   # ours against our CE step of the same student at the same size
-            ce = [r for r in rows if r["method"] == "student" and r["student"] == row["student"] and r["px"] == row["px"]]
-            if ce and row["method"] != "student":
+            ce = [r for r in rows if r["method"] == bench_methods()[0] and r["student"] == row["student"]
+                  and r["px"] == row["px"]]
+            if ce and row["method"] != bench_methods()[0]:
                 row["vs_ce"] = round(row["ours_img_s"] / ce[0]["ours_img_s"], 3)
     return rows
 
@@ -687,7 +634,7 @@ def run_bench(args) -> list[dict]:
         cfg.workers = args.workers
     print(f"refilled bench: {config} configuration on {device} (torch {torch.__version__}); "
           f"reference = per-sample PIL DataLoader ({cfg.workers} workers), fp32, eager"
-          f"{'; stage 1 as a Python tuple loop' if any(c.method == 'stage1' for c in cfg.cases) else ''}", flush=True)
+          "; a method's reference_loss where it has one (stage 1: the Python tuple loop)", flush=True)
     def save(rows):   # partial results survive a time limit
         if args.out:
             write_csv(args.out, [{c: r.get(c, "") for c in COLUMNS} for r in rows], COLUMNS)
@@ -696,7 +643,7 @@ def run_bench(args) -> list[dict]:
                       eager=None if args.eager is None else args.eager == "yes",
                       log=lambda s: print(s, flush=True), on_row=save)
     if args.concurrent:
-        base = Case("student", args.concurrent_arch or ("wrn-16-1"), None, 32, cfg.batch,
+        base = Case(bench_methods()[0], args.concurrent_arch or ("wrn-16-1"), None, 32, cfg.batch,
                     50 if config == "full" else 8)
         seconds = args.concurrent_seconds if args.concurrent_seconds is not None else (3.0 if config == "full" else 0.5)
         rows += concurrent_rows(cfg, device, args.concurrent, base, seconds, log=lambda s: print(s, flush=True))

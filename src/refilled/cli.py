@@ -89,41 +89,40 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the split's classes to learn (teacher: how a teacher is trained, with method student)")
     train.set_defaults(func=cmd_train)
 
-    # Thin aliases of `train`, kept for the commands of earlier versions; their method flags
-    # are derived from the catalog's declarations.
-    teacher = sub.add_parser("train-teacher", help="alias: train --method student --task teacher",
+    # Thin aliases of `train`, kept for the commands of earlier versions; which methods each
+    # runs is the catalog's `alias` field, and their method flags come from the declarations.
+    from refilled.methods.catalog import TEACHER_METHOD
+
+    teacher = sub.add_parser("train-teacher", help=f"alias: train --method {TEACHER_METHOD} --task teacher",
                              description="Train a teacher with cross-entropy on the split's teacher classes.")
     _add_train_args(teacher)
-    teacher.set_defaults(func=cmd_train, method="student", task="teacher", teacher=None, init=None, sets=[])
-
-    stage1 = sub.add_parser("train-stage1", help="alias: train --method stage1 (REFILLED stage 1)",
-                            description="Train the student's embedding to match the frozen teacher's similarity "
-                                        "comparisons over semi-hard tuples; logs stage-1 loss and NCM accuracy.")
-    _add_train_args(stage1)
-    stage1.add_argument("--teacher", required=True, type=Path, help="model.pt of the teacher run")
-    _add_hparam_flags(stage1, ["stage1"])
-    stage1.set_defaults(func=cmd_train, method="stage1", task="student", init=None, sets=[])
-
-    variants = [e.name for e in CATALOG.values() if e.starts_from == "stage1"]
-    stage2 = sub.add_parser("train-stage2", help="alias: train --method VARIANT (REFILLED stage 2)",
-                            description="Fine-tune the stage-1 student with CE + the teacher's embedding-induced local "
-                                        "classifier, weighted per instance; writes lambda_i.csv.")
-    _add_train_args(stage2)
-    stage2.add_argument("--teacher", required=True, type=Path)
-    stage2.add_argument("--init", required=True, type=Path, help="model.pt of the stage-1 run")
-    stage2.add_argument("--variant", required=True, choices=variants, dest="method",
-                        help=", ".join(f"{v}: {CATALOG[v].label}" for v in variants))
-    _add_hparam_flags(stage2, variants)
-    stage2.set_defaults(func=cmd_train, task="student", sets=[])
-
-    baselines = [e.name for e in CATALOG.values() if e.in_tables and e.starts_from is None]
-    base = sub.add_parser("train-baseline", help="alias: train --method M for the methods trained from scratch",
-                          description="Train a student from scratch with the stage-2 recipe: "
-                                      + ", ".join(f"{b} ({CATALOG[b].label})" for b in baselines) + ".")
-    _add_train_args(base)
-    base.add_argument("--method", required=True, choices=baselines)
-    base.add_argument("--teacher", type=Path, help="model.pt of the teacher run (methods that need one)")
-    base.set_defaults(func=cmd_train, task="student", init=None, sets=[])
+    teacher.set_defaults(func=cmd_train, method=TEACHER_METHOD, task="teacher", teacher=None, init=None, sets=[])
+    aliases = {}
+    for entry in CATALOG.values():
+        if entry.alias:
+            aliases.setdefault(entry.alias, []).append(entry)
+    for alias, entries in aliases.items():
+        names = [e.name for e in entries]
+        p = sub.add_parser(alias, help=f"alias: train --method {'|'.join(names)}",
+                           description=f"`refilled train` for {', '.join(f'{e.name} ({e.label})' for e in entries)}.")
+        _add_train_args(p)
+        needs_teacher = all(e.teacher for e in entries)
+        p.add_argument("--teacher", type=Path, required=needs_teacher,
+                       help="model.pt of the teacher run" + ("" if needs_teacher else " (methods that need one)"))
+        if any(e.starts_from for e in entries):
+            p.add_argument("--init", type=Path, required=True,
+                           help=f"model.pt of the {entries[0].starts_from} run it starts from")
+        else:
+            p.set_defaults(init=None)
+        if len(entries) > 1:
+            # the selector of each earlier command: --variant for stage 2, --method otherwise
+            flag = "--variant" if all(e.starts_from for e in entries) else "--method"
+            p.add_argument(flag, required=True, choices=names, dest="method",
+                           help=", ".join(f"{e.name}: {e.label}" for e in entries))
+        else:
+            p.set_defaults(method=names[0])
+        _add_hparam_flags(p, names)
+        p.set_defaults(func=cmd_train, task="student", sets=[])
 
     methods = sub.add_parser("methods", help="list the catalog: methods, their hyper-parameters and defaults",
                              description="The catalog (src/refilled/methods/catalog.py) as a Markdown table; "

@@ -166,6 +166,8 @@ def check_semantics(cfg: dict, source: str) -> None:
             problems.append(f"{key}: subsampling by the data rule is implemented for fashion-mnist only; "
                             f"set it to null for {', '.join(others)}")
 
+    from refilled.methods import CATALOG, ParamError, get
+
     t4 = cfg["table4"]
     need("table4", t4["experiment"], t4["ratios"], t4["arch"])
     f1, f2, f3 = cfg["figure1"], cfg["figure2"], cfg["figure3"]
@@ -174,8 +176,21 @@ def check_semantics(cfg: dict, source: str) -> None:
         problems.append(f"figure1.seed: {f1['seed']} is not one of seeds {cfg['seeds']}")
     need("figure2", f2["experiment"], [f2["ratio"]])
     need("figure3", f3["experiment"], f3["ratios"], f3["arch"])
-    from refilled.methods import ParamError, get
+    def method_has(key: str, name: str, needs: str, why: str) -> None:
+        entry = CATALOG.get(name)
+        if entry is None:
+            problems.append(f"{key}.method: unknown method {name!r}; the catalog has: {', '.join(CATALOG)}")
+        elif needs == "starts_from" and not entry.starts_from:
+            problems.append(f"{key}.method: {name} starts from no other run; {why}")
+        elif needs not in ("starts_from",) and needs not in entry.settable:
+            problems.append(f"{key}.method: {name} has no hyper-parameter {needs}; {why}")
 
+    method_has("table4", t4["method"], "k_hat", "Table 4 sweeps k_hat")
+    if t4["method"] in CATALOG and CATALOG[t4["method"]].scored_by != "ncm_acc":
+        problems.append(f"table4.method: {t4['method']} is not scored by NCM accuracy")
+    method_has("figure1", f1["method"], "starts_from", "Figure 1 plots a run beside the one it starts from")
+    method_has("figure2", f2["method"], "lam", "Figure 2 sweeps lam")
+    method_has("figure3", f3["method"], "lam", "Figure 3 plots lambda_i")
     for name in (cfg.get("methods") or {}):
         try:
             method_values(cfg, name)

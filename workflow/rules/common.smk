@@ -12,6 +12,7 @@ BASE = Path(workflow.basedir)
 sys.path.insert(0, str(BASE / "src"))
 from refilled.config import ConfigError, fmt, k_hat_value, load_profile, method_values  # noqa: E402
 from refilled.methods import CATALOG  # noqa: E402
+from refilled.methods.catalog import TEACHER_METHOD  # noqa: E402
 from refilled.pin import count_gpus  # noqa: E402
 from refilled.tables import applies  # noqa: E402
 
@@ -129,24 +130,25 @@ def table_runs(exp):
 
 def table4_runs():
     t4 = P["table4"]
-    return [run_dir(t4["experiment"], r, t4["arch"], s, "stage1", k_hat=k_hat_value(k))
+    return [run_dir(t4["experiment"], r, t4["arch"], s, t4["method"], k_hat=k_hat_value(k))
             for r in t4["ratios"] for k in t4["k_hats"] for s in SEEDS]
 
 
 def figure1_runs():
     f = P["figure1"]
-    return [run_dir(f["experiment"], f["ratio"], f["arch"], f["seed"], m) for m in ("stage1", "refilled")]
+    return [run_dir(f["experiment"], f["ratio"], f["arch"], f["seed"], m)
+            for m in (CATALOG[f["method"]].starts_from, f["method"])]
 
 
 def figure2_runs():
     f = P["figure2"]
-    return [run_dir(f["experiment"], f["ratio"], a, s, "refilled", lam=lam)
+    return [run_dir(f["experiment"], f["ratio"], a, s, f["method"], lam=lam)
             for a in EXPS[f["experiment"]]["students"] for lam in f["lams"] for s in SEEDS]
 
 
 def figure3_runs():
     f = P["figure3"]
-    return [run_dir(f["experiment"], r, f["arch"], s, "refilled", lam=f["lam"]) for r in f["ratios"] for s in SEEDS]
+    return [run_dir(f["experiment"], r, f["arch"], s, f["method"], lam=f["lam"]) for r in f["ratios"] for s in SEEDS]
 
 
 def table_rule_params(exp):

@@ -16,6 +16,7 @@ rule teacher:
         refilled=REFILLED,
         gpus=GPUS,
         slots=SLOTS,
+        method=TEACHER_METHOD,
         out=lambda wc, output: os.path.dirname(output.summary),
         arch=lambda wc: EXPS[wc.exp]["teacher"]["arch"],
         epochs=lambda wc: EXPS[wc.exp]["teacher"]["epochs"],
@@ -26,5 +27,5 @@ rule teacher:
         gpu=1,
     shell:
         "{params.refilled} pin --gpus {params.gpus} --per-gpu {params.slots} --threads {threads} -- "
-        "train --method student --task teacher --split {input.split} --arch {params.arch} --epochs {params.epochs} {params.per_class} "
+        "train --method {params.method} --task teacher --split {input.split} --arch {params.arch} --epochs {params.epochs} {params.per_class} "
         "--seed {wildcards.seed} {params.common} --out {params.out} > {log} 2>&1"

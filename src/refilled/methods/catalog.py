@@ -20,6 +20,8 @@ Fields of a line:
   (`stage1_kinf`, `refilled_lam2`), because the workflow sweeps them
 - schedule: the learning-rate schedule of its recipe
 - epochs: the experiment key (config/<profile>.yaml) holding its number of epochs
+- bench: a row of `refilled bench` (one per distinct step is enough)
+- alias: the subcommand of earlier versions that runs it (`refilled train-stage1`, ...)
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class Entry:
     path: dict = field(default_factory=dict)
     schedule: str = "multistep"
     epochs: str = "stage2_epochs"
+    bench: bool = True
+    alias: str | None = None
 
     @property
     def module(self) -> str:
@@ -103,19 +107,22 @@ class Entry:
 
 
 CATALOG: dict[str, Entry] = {e.name: e for e in (
-    Entry("student", "refilled.methods.student:Student", "Student", teacher=False),
-    Entry("rkd", "refilled.methods.rkd:RKD", "RKD"),
-    Entry("aml", "refilled.methods.aml:AML", "AML"),
+    Entry("student", "refilled.methods.student:Student", "Student", teacher=False, alias="train-baseline"),
+    Entry("rkd", "refilled.methods.rkd:RKD", "RKD", alias="train-baseline"),
+    Entry("aml", "refilled.methods.aml:AML", "AML", alias="train-baseline"),
     Entry("stage1", "refilled.methods.stage1:ComparisonMatching", "REFILLED stage 1", scored_by="ncm_acc",
-          in_tables=False, path={"k_hat": "k"}, schedule="cosine",
-          epochs="stage1_epochs"),
+          in_tables=False, path={"k_hat": "k"}, schedule="cosine", epochs="stage1_epochs", alias="train-stage1"),
     Entry("refilled-emb", "refilled.methods.stage2:LocalDistillation", "REFILLED^EMB", starts_from="stage1",
-          preset={"weighting": "none"}, path={"lam": "lam"}),
+          preset={"weighting": "none"}, path={"lam": "lam"}, bench=False, alias="train-stage2"),
     Entry("refilled-minus", "refilled.methods.stage2:LocalDistillation", "REFILLED^-", starts_from="stage1",
-          preset={"weighting": "constant"}, path={"lam": "lam"}),
+          preset={"weighting": "constant"}, path={"lam": "lam"}, bench=False, alias="train-stage2"),
     Entry("refilled", "refilled.methods.stage2:LocalDistillation", "REFILLED", starts_from="stage1",
-          path={"lam": "lam"}),
+          path={"lam": "lam"}, alias="train-stage2"),
 )}
+
+# The method that trains a teacher on its own classes (`refilled train --task teacher`), and
+# the baseline every other step is measured against in `refilled bench`: plain CE.
+TEACHER_METHOD = "student"
 
 
 def get(name: str) -> Entry:
