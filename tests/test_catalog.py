@@ -288,3 +288,89 @@ def test_a_same_classes_method_gets_a_dash_where_it_does_not_apply(tmp_path):
                     tmp_path / "t.csv", tmp_path / "l.csv", tmp_path / "t.md")
         rows = (tmp_path / "t.csv").read_text().splitlines()
         assert rows[2] == f"0.5,SameOnly,{NOT_APPLICABLE}" and rows[4] == "1,SameOnly,70.00 ± n/a"
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout (the authors' WRN, 0.3) inside the captured step and across a resume
+# ------------------------------------------------------------------------------------------------
+
+
+def _dropout_student(seed=0):
+    from refilled.methods.student import Student
+    from refilled.models import build_model
+
+    torch.manual_seed(seed)
+    return Student(build_model("wrn-10-1", 4, dropout=0.3))
+
+
+def test_dropout_masks_change_from_step_to_step_under_the_emulated_capture():
+    from refilled.step import TrainStep
+
+    method = _dropout_student()
+    seen = []
+    real = method.loss
+
+    def recording(x, y):
+        logits, terms = real(x, y)
+        seen.append(logits.detach().clone())
+        return logits, terms
+
+    method.loss = recording
+    step = TrainStep(method, CPU, lr=0.0, graph="emulate")   # lr 0: the weights never move
+    method.train()
+    step.begin_epoch(0, 0.0)
+    x, y = batches(1)[0]
+    for _ in range(3):
+        step.step(x, y)
+    assert step.captures == 1
+    replays = seen[-2:]                                       # the last two calls are replays of one batch
+    assert not torch.equal(replays[0], replays[1]), "dropout drew the same mask twice"
+
+
+def test_emulated_capture_with_dropout_equals_eager_exactly():
+    from refilled.step import TrainStep
+
+    data = batches(3)
+    states = {}
+    for mode in ("off", "emulate"):
+        method = _dropout_student()
+        torch.manual_seed(5)
+        step = TrainStep(method, CPU, lr=0.05, graph=mode)
+        method.train()
+        step.begin_epoch(0, 0.05)
+        for x, y in data:
+            step.step(x, y)
+        states[mode] = method.state_dict()
+    for k in states["off"]:
+        assert torch.equal(states["off"][k], states["emulate"][k]), k
+
+
+def test_resumed_run_with_dropout_ends_on_the_same_weights(tmp_path):
+    import refilled.train as train_mod
+
+    data = ListBatches(batches(3))
+    cfg = OptimConfig(epochs=2, batch_size=8, lr=0.05)
+
+    def run(run_dir):
+        method = _dropout_student(seed=2)
+        fit(method, data, lambda: {}, cfg, run_dir, CPU, 1, graph="emulate")
+        return method.state_dict()
+
+    straight = run(tmp_path / "a")
+    real, calls = train_mod._train_epoch, {"n": 0}
+
+    def dies_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    train_mod._train_epoch = dies_in_epoch_2
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "b")
+    finally:
+        train_mod._train_epoch = real
+    resumed = run(tmp_path / "b")
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k

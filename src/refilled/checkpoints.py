@@ -17,8 +17,9 @@ def save_model(path: str | Path, model: nn.Module, arch: str, classes: list[int]
 
 
 def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a saved model; refuse one whose architecture or class count differs from the request."""
+               device: str | torch.device = "cpu", dropout: float = 0.0) -> tuple[nn.Module, dict]:
+    """Rebuild a saved model; refuse one whose architecture or class count differs from the request.
+    `dropout` (WRN, no weights of its own) is how the rebuilt network trains on from here."""
     ckpt = load_tensors(path)
     if not isinstance(ckpt, dict) or not {"arch", "num_classes", "state_dict"} <= set(ckpt):
         raise CheckpointError(f"{path}: not a refilled model file (expected keys arch, num_classes, state_dict)")
@@ -26,7 +27,7 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
         raise CheckpointError(f"{path}: holds a {ckpt['arch']} but {arch} was requested")
     if num_classes is not None and ckpt["num_classes"] != num_classes:
         raise CheckpointError(f"{path}: has {ckpt['num_classes']} classes but {num_classes} were requested")
-    model = build_model(ckpt["arch"], ckpt["num_classes"])
+    model = build_model(ckpt["arch"], ckpt["num_classes"], dropout=dropout)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

@@ -28,6 +28,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=("multistep", "cosine"), default=None,
                    help="multistep: x0.2 at 50%%, 70%%, 90%% of the epochs; cosine: down to 0.1*lr "
                         "(default: the method's recipe, cosine for stage 1, multistep otherwise)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="WRN: dropout rate between the two convolutions of every block (the authors' 0.3; default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for file datasets (CUB)")
     p.add_argument("--eval-every", type=int, default=1,
@@ -291,7 +293,7 @@ def cmd_train(args) -> int:
                    data_root=Path(args.data_root), per_class=args.per_class, verify_checksums=not args.no_checksum,
                    batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                    schedule=args.schedule or entry.schedule, device=args.device, num_workers=args.num_workers,
-                   eval_every=args.eval_every, profile=args.profile)
+                   eval_every=args.eval_every, profile=args.profile, dropout=args.dropout)
     summary = train(spec, args.method, args.teacher, args.init, overrides, task=args.task)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.endswith("_acc"))
     print(f"{summary['method']} ({summary['task']} task) {summary['arch']} seed {summary['seed']}: {scores}")

@@ -45,6 +45,7 @@ class RunSpec:
     num_workers: int = 0
     eval_every: int = 1
     profile: str = "manual"
+    dropout: float = 0.0          # WRN dropout between the two convolutions of every block (authors: 0.3)
 
 
 def read_split(path: Path) -> dict:
@@ -84,7 +85,7 @@ class Context:
 
     def new_student(self) -> torch.nn.Module:
         torch.manual_seed(self.spec.seed)
-        return build_model(self.spec.arch, len(self.classes))
+        return build_model(self.spec.arch, len(self.classes), dropout=self.spec.dropout)
 
     def test_accuracy(self, model) -> dict:
         return {"test_acc": accuracy(model, self.test, self.device)}
@@ -101,7 +102,7 @@ class Context:
         cfg = OptimConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
                           weight_decay=spec.weight_decay, schedule=spec.schedule, eval_every=spec.eval_every,
                           extra={"method": method_name, "task": self.task, "arch": spec.arch, "split": self.split,
-                                 "per_class": spec.per_class, "params": params})
+                                 "per_class": spec.per_class, "dropout": spec.dropout, "params": params})
         finished = self._finished_run(run_fingerprint(cfg, spec.seed))
         if finished is not None:
             return finished
@@ -114,6 +115,7 @@ class Context:
             "method": method_name, "task": self.task, "arch": spec.arch, "params": params,
             **{k: v for k, v in last.items() if k.endswith("_acc")}, **extra,
             "split": {"path": str(spec.split), **self.split}, "seed": spec.seed, "epochs": spec.epochs,
+            "dropout": spec.dropout,
             "optim": {"batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
                       "schedule": cfg.schedule},
             "data": {"root": str(spec.data_root), "per_class": spec.per_class, "train": self.train.split.describe(),
@@ -170,7 +172,7 @@ def train(spec: RunSpec, method_name: str, teacher_path: Path | None = None, ini
                          f"has teacher {ctx.split['teacher_classes']} and student {ctx.classes}")
     teacher = ctx.load_teacher(teacher_path) if entry.teacher else None
     if init_path is not None:
-        student, _ = load_model(init_path, arch=spec.arch, num_classes=len(ctx.classes))
+        student, _ = load_model(init_path, arch=spec.arch, num_classes=len(ctx.classes), dropout=spec.dropout)
     else:
         student = ctx.new_student()
     method = entry.build(student, teacher, values)

@@ -303,7 +303,10 @@ class TrainStep:
             opt_state[p] = None if not state else {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
                                                    for k, v in state.items()}
         acc = None if self._acc is None else {k: v.clone() for k, v in self._acc.items()}
-        return {"tensors": [(t, t.detach().clone()) for t in tensors], "opt": opt_state, "acc": acc}
+        # the warm-up draws random numbers (dropout masks): the replays must draw what eager steps would
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        return {"tensors": [(t, t.detach().clone()) for t in tensors], "opt": opt_state, "acc": acc, "rng": rng}
 
     @torch.no_grad()
     def _restore(self, snap: dict) -> None:
@@ -318,6 +321,9 @@ class TrainStep:
                     v.zero_()       # a fresh momentum buffer: zeros give exactly the first step
                 else:
                     v.copy_(saved[k])
+        torch.set_rng_state(snap["rng"]["cpu"])
+        if snap["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(snap["rng"]["cuda"], self.device)
         if self._acc is not None:
             for k, v in self._acc.items():
                 if snap["acc"] is not None:

@@ -121,6 +121,9 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
     rows, start = _resume(run_dir, method, step, fingerprint)   # before any capture
 
     for epoch in range(start, cfg.epochs):
+        # the global generators (dropout masks) from (seed, epoch): a resumed run draws what an
+        # uninterrupted one does; data order and augmentation have their own generators
+        torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + 7)
         lr = lr_at(cfg, epoch)
         step.begin_epoch(epoch, lr)
         train_batches.set_epoch(epoch)
