@@ -405,7 +405,7 @@ def _provided_resources(tmp: Path, gpus: str | None, extra: list = ()) -> str:
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus        # what the Snakefile counts (no GPU needs to exist)
     shutil.rmtree(tmp / "data", ignore_errors=True)
-    proc = subprocess.run([str(BIN / "snakemake"), "data/splits/fashion-mnist/h5/r0/seed0.json", "-s",
+    proc = subprocess.run([str(BIN / "snakemake"), "data/splits/fashion-mnist/seeded/h5/r0/seed0.json", "-s",
                            str(ROOT / "Snakefile"), "-d", str(tmp), "--cores", "2", *extra,
                            "--config", "profile=smoke"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -25,6 +25,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--milestones", type=float, nargs="+", default=None, metavar="F",
+                   help="multistep: x0.2 at these fractions of the epochs (default 0.5 0.7 0.9)")
     p.add_argument("--schedule", choices=("multistep", "cosine"), default=None,
                    help="multistep: x0.2 at 50%%, 70%%, 90%% of the epochs; cosine: down to 0.1*lr "
                         "(default: the method's recipe, cosine for stage 1, multistep otherwise)")
@@ -293,7 +295,8 @@ def cmd_train(args) -> int:
                    data_root=Path(args.data_root), per_class=args.per_class, verify_checksums=not args.no_checksum,
                    batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                    schedule=args.schedule or entry.schedule, device=args.device, num_workers=args.num_workers,
-                   eval_every=args.eval_every, profile=args.profile, dropout=args.dropout)
+                   eval_every=args.eval_every, profile=args.profile, dropout=args.dropout,
+                   milestones=tuple(args.milestones) if args.milestones else None)
     summary = train(spec, args.method, args.teacher, args.init, overrides, task=args.task)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.endswith("_acc"))
     print(f"{summary['method']} ({summary['task']} task) {summary['arch']} seed {summary['seed']}: {scores}")

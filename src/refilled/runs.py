@@ -46,6 +46,7 @@ class RunSpec:
     eval_every: int = 1
     profile: str = "manual"
     dropout: float = 0.0          # WRN dropout between the two convolutions of every block (authors: 0.3)
+    milestones: tuple | None = None   # multistep: fractions of the epochs (None: OptimConfig's 0.5, 0.7, 0.9)
 
 
 def read_split(path: Path) -> dict:
@@ -101,6 +102,7 @@ class Context:
         spec = self.spec
         cfg = OptimConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
                           weight_decay=spec.weight_decay, schedule=spec.schedule, eval_every=spec.eval_every,
+                          **({"milestones": tuple(spec.milestones)} if spec.milestones else {}),
                           extra={"method": method_name, "task": self.task, "arch": spec.arch, "split": self.split,
                                  "per_class": spec.per_class, "dropout": spec.dropout, "params": params})
         finished = self._finished_run(run_fingerprint(cfg, spec.seed))
@@ -117,7 +119,7 @@ class Context:
             "split": {"path": str(spec.split), **self.split}, "seed": spec.seed, "epochs": spec.epochs,
             "dropout": spec.dropout,
             "optim": {"batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                      "schedule": cfg.schedule},
+                      "schedule": cfg.schedule, "milestones": list(cfg.milestones)},
             "data": {"root": str(spec.data_root), "per_class": spec.per_class, "train": self.train.split.describe(),
                      "test": self.test.split.describe()},
             "profile": spec.profile, "seconds": round(time.time() - began, 1), **environment(self.device),

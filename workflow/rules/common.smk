@@ -64,6 +64,7 @@ wildcard_constraints:
     ratio=r"\d+(\.\d+)?",
     arch=r"wrn-\d+-\d+|mobilenet-\d+(\.\d+)?",
     seed=r"\d+",
+    order="seeded|authors",
     method="|".join(re.escape(m) for m in sorted(CATALOG, key=len, reverse=True)),
     tag=r"(_[a-z]+[A-Za-z0-9.]*)*",
 
@@ -71,7 +72,8 @@ wildcard_constraints:
 # ---- path helpers (the rules and the targets use the same ones) ----
 def split_file(exp, ratio, seed):
     e = EXPS[exp]
-    return f"data/splits/{e['dataset']}/h{e['classes_per_task']}/r{fmt(ratio)}/seed{seed}.json"
+    order = e.get("class_order", "seeded")
+    return f"data/splits/{e['dataset']}/{order}/h{e['classes_per_task']}/r{fmt(ratio)}/seed{seed}.json"
 
 
 def data_ready(exp):
@@ -109,12 +111,17 @@ def per_class_arg(n):
     return "" if n is None else f"--per-class {n}"
 
 
-def common_args(exp, run=None):
-    """Flags every training run of this profile shares (numbers only). The runs behind Figure 1
+def common_args(exp, run=None, recipe=None):
+    """Flags every training run of this profile shares (numbers only); `recipe` is the teacher's
+    or the experiment's dict holding batch_size / milestones overrides. The runs behind Figure 1
     evaluate after every epoch (its curves); that changes no reported number."""
+    recipe = EXPS[exp] if recipe is None else recipe
     every = 1 if run in figure1_runs() else P["eval_every"]
-    return (f"--data-root {DATA_ROOT} --no-checksum --batch-size {P['batch_size']} --num-workers {P.get('num_workers', 0)} "
-            f"--eval-every {every} --device {P['device']} --profile {PROFILE}")
+    milestones = recipe.get("milestones")
+    return (f"--data-root {DATA_ROOT} --no-checksum --batch-size {recipe.get('batch_size', P['batch_size'])} "
+            f"--num-workers {P.get('num_workers', 0)} --dropout {EXPS[exp].get('dropout', 0)} "
+            + (f"--milestones {' '.join(fmt(m) for m in milestones)} " if milestones else "")
+            + f"--eval-every {every} --device {P['device']} --profile {PROFILE}")
 
 
 # ---- the runs behind each table and figure ----

@@ -21,7 +21,7 @@ rule teacher:
         arch=lambda wc: EXPS[wc.exp]["teacher"]["arch"],
         epochs=lambda wc: EXPS[wc.exp]["teacher"]["epochs"],
         per_class=lambda wc: per_class_arg(EXPS[wc.exp]["teacher"]["per_class"]),
-        common=lambda wc: common_args(wc.exp),
+        common=lambda wc: common_args(wc.exp, recipe=EXPS[wc.exp]["teacher"]),
     threads: P["threads"]
     resources:
         gpu=1,
