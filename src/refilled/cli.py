@@ -30,6 +30,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=("multistep", "cosine"), default=None,
                    help="multistep: x0.2 at 50%%, 70%%, 90%% of the epochs; cosine: down to 0.1*lr "
                         "(default: the method's recipe, cosine for stage 1, multistep otherwise)")
+    p.add_argument("--val-per-class", type=int, default=None,
+                   help="hold out this many training images per class (seeded) to select an epoch, reported "
+                        "beside the final one in summary.json (evaluation then runs every epoch)")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="WRN: dropout rate between the two convolutions of every block (the authors' 0.3; default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -296,7 +299,7 @@ def cmd_train(args) -> int:
                    batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                    schedule=args.schedule or entry.schedule, device=args.device, num_workers=args.num_workers,
                    eval_every=args.eval_every, profile=args.profile, dropout=args.dropout,
-                   milestones=tuple(args.milestones) if args.milestones else None)
+                   milestones=tuple(args.milestones) if args.milestones else None, val_per_class=args.val_per_class)
     summary = train(spec, args.method, args.teacher, args.init, overrides, task=args.task)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.endswith("_acc"))
     print(f"{summary['method']} ({summary['task']} task) {summary['arch']} seed {summary['seed']}: {scores}")

@@ -16,7 +16,7 @@ from refilled import __version__
 from refilled import finished as finished_mod
 from refilled.checkpoints import load_model, save_model
 from refilled.data import load_dataset
-from refilled.data.batches import Batches, task_split
+from refilled.data.batches import Batches, task_split, train_val_split
 from refilled.data.splits import SplitError, check_split
 from refilled.evaluate import accuracy, forward_all, ncm_accuracy
 from refilled.io import CheckpointError, read_json, write_json
@@ -47,6 +47,7 @@ class RunSpec:
     profile: str = "manual"
     dropout: float = 0.0          # WRN dropout between the two convolutions of every block (authors: 0.3)
     milestones: tuple | None = None   # multistep: fractions of the epochs (None: OptimConfig's 0.5, 0.7, 0.9)
+    val_per_class: int | None = None  # held-out training images per class that select an epoch (reported beside the final)
 
 
 def read_split(path: Path) -> dict:
@@ -70,12 +71,16 @@ class Context:
         self.split = read_split(spec.split)
         self.classes = self.split[f"{task}_classes"]
         self.dataset = load_dataset(self.split["dataset"], spec.data_root, verify_checksums=spec.verify_checksums)
-        train = task_split(self.dataset.train, self.classes, spec.per_class, spec.seed)
+        if spec.val_per_class:
+            train, val = train_val_split(self.dataset.train, self.classes, spec.per_class, spec.val_per_class, spec.seed)
+        else:
+            train, val = task_split(self.dataset.train, self.classes, spec.per_class, spec.seed), None
         test = task_split(self.dataset.test, self.classes)
         mk = lambda s, bs, aug, seed=0: Batches(s, self.dataset, bs, aug, self.device, seed, num_workers=spec.num_workers)
         self.train = mk(train, spec.batch_size, True, spec.seed)
         self.train_plain = mk(train, 512, False)   # un-augmented, for class means and λ_i
         self.test = mk(test, 512, False)
+        self.val = None if val is None else mk(val, 512, False)
 
     def load_teacher(self, path: Path) -> torch.nn.Module:
         teacher, meta = load_model(path, num_classes=len(self.split["teacher_classes"]), device=self.device)
@@ -88,23 +93,48 @@ class Context:
         torch.manual_seed(self.spec.seed)
         return build_model(self.spec.arch, len(self.classes), dropout=self.spec.dropout)
 
-    def test_accuracy(self, model) -> dict:
-        return {"test_acc": accuracy(model, self.test, self.device)}
+    def test_accuracy(self, model, on_val: bool = False) -> dict:
+        out = {"test_acc": accuracy(model, self.test, self.device)}
+        if on_val and self.val is not None:
+            out = {"val_acc": accuracy(model, self.val, self.device), **out}
+        return out
 
-    def ncm(self, model) -> dict:
+    def ncm(self, model, on_val: bool = False) -> dict:
         _, tr_emb, tr_y = forward_all(model, self.train_plain, self.device)
         _, te_emb, te_y = forward_all(model, self.test, self.device)
-        return {"ncm_acc": ncm_accuracy(tr_emb, tr_y, te_emb, te_y, len(self.classes))}
+        out = {"ncm_acc": ncm_accuracy(tr_emb, tr_y, te_emb, te_y, len(self.classes))}
+        if on_val and self.val is not None:
+            _, va_emb, va_y = forward_all(model, self.val, self.device)
+            out = {"val_ncm_acc": ncm_accuracy(tr_emb, tr_y, va_emb, va_y, len(self.classes)), **out}
+        return out
+
+    def val_selected(self) -> dict:
+        """The epoch with the best validation score (the first of ties) and its test score, from
+        metrics.csv; the reported number stays the final epoch's."""
+        if self.val is None:
+            return {}
+        import csv
+
+        with open(self.spec.out / "metrics.csv", encoding="utf-8", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if any(r.get(k) for k in ("val_acc", "val_ncm_acc"))]
+        key = "val_acc" if rows[0].get("val_acc") else "val_ncm_acc"
+        best = max(rows, key=lambda r: (float(r[key]), -int(r["epoch"])))
+        metric = "ncm_acc" if key == "val_ncm_acc" else "test_acc"
+        return {"val_selected": {"epoch": int(best["epoch"]), key: float(best[key]), metric: float(best[metric]),
+                                 "per_class": self.spec.val_per_class,
+                                 "val": self.val.split.describe()}}
 
     def fit(self, method, method_name: str, params: dict, evaluate, finish) -> dict:
         """Prepare the method, train, save the model, run `finish()` (extra outputs and
         metrics), write summary.json; a finished run with this configuration is returned as is."""
         spec = self.spec
         cfg = OptimConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-                          weight_decay=spec.weight_decay, schedule=spec.schedule, eval_every=spec.eval_every,
+                          weight_decay=spec.weight_decay, schedule=spec.schedule,
+                          eval_every=1 if self.val is not None else spec.eval_every,   # selection needs every epoch
                           **({"milestones": tuple(spec.milestones)} if spec.milestones else {}),
                           extra={"method": method_name, "task": self.task, "arch": spec.arch, "split": self.split,
-                                 "per_class": spec.per_class, "dropout": spec.dropout, "params": params})
+                                 "per_class": spec.per_class, "dropout": spec.dropout,
+                                 "val_per_class": spec.val_per_class, "params": params})
         finished = self._finished_run(run_fingerprint(cfg, spec.seed))
         if finished is not None:
             return finished
@@ -112,7 +142,7 @@ class Context:
         method.prepare(self)
         last = fit(method, self.train, evaluate, cfg, spec.out, self.device, spec.seed)
         save_model(spec.out / "model.pt", method.student, spec.arch, self.classes)
-        extra = finish()
+        extra = {**finish(), **self.val_selected()}
         full = {
             "method": method_name, "task": self.task, "arch": spec.arch, "params": params,
             **{k: v for k, v in last.items() if k.endswith("_acc")}, **extra,
@@ -183,7 +213,7 @@ def train(spec: RunSpec, method_name: str, teacher_path: Path | None = None, ini
     scored_by_test = entry.scored_by == "test_acc"
 
     def evaluate():
-        return ctx.test_accuracy(student) if scored_by_test else ctx.ncm(student)
+        return ctx.test_accuracy(student, on_val=True) if scored_by_test else ctx.ncm(student, on_val=True)
 
     def finish():
         extra = method.finish(ctx)

@@ -61,13 +61,23 @@ def _record(path: Path, table: str) -> dict:
             raise TableError(f"{path}: Table 4 needs stage-1 (NCM-scored) runs, this is a {method} run "
                              f"on the {s.get('task')} task")
         return {"ratio": ratio, "column": _k_hat_key(s["params"].get("k_hat")), "row": ratio, "arch": s["arch"],
-                "seed": s["seed"], "value": 100.0 * s["ncm_acc"], "summary": str(path)}
+                "seed": s["seed"], "value": 100.0 * s["ncm_acc"], "summary": str(path), **_val_selected(s)}
     if scored_by != "test_acc" or s.get("task") != "student":
         raise TableError(f"{path}: Tables 1/2 need student runs of methods scored by test accuracy "
                          f"({', '.join(e for e in CATALOG if CATALOG[e].scored_by == 'test_acc')}); "
                          f"this is {method} on the {s.get('task')} task")
     return {"ratio": ratio, "column": s["arch"], "row": s["method"], "arch": s["arch"], "seed": s["seed"],
-            "value": 100.0 * s["test_acc"], "summary": str(path), "lam": s.get("params", {}).get("lam")}
+            "value": 100.0 * s["test_acc"], "summary": str(path), "lam": s.get("params", {}).get("lam"),
+            **_val_selected(s)}
+
+
+def _val_selected(s: dict) -> dict:
+    """The validation-selected epoch and its test score (%), where the run held out a validation split."""
+    sel = s.get("val_selected")
+    if not sel:
+        return {"val_epoch": "", "at_val_epoch": ""}
+    metric = "ncm_acc" if "ncm_acc" in sel else "test_acc"
+    return {"val_epoch": sel["epoch"], "at_val_epoch": 100.0 * sel[metric]}
 
 
 def collect(table: str, summaries: Iterable[Path], ratios: list[float], columns: list[str],
@@ -137,9 +147,10 @@ def write_table(table: str, summaries: list[Path], ratios: list[float], columns:
         md.append("|---" * (len(cols) + 1) + "|")
         for r in ratios_k:
             md.append(f"| overlap ratio = {float(r) * 100:g}% | " + " | ".join(cell(cells[(r, r, c)]) for c in cols) + " |")
-        long_fields = ["ratio", "k_hat", "arch", "seed", "ncm_acc", "summary"]
+        long_fields = ["ratio", "k_hat", "arch", "seed", "ncm_acc", "val_epoch", "ncm_acc_at_val_epoch", "summary"]
         long_rows = [{"ratio": r["ratio"], "k_hat": r["column"], "arch": r["arch"], "seed": r["seed"],
-                      "ncm_acc": r["value"], "summary": r["summary"]} for r in records]
+                      "ncm_acc": r["value"], "val_epoch": r["val_epoch"], "ncm_acc_at_val_epoch": r["at_val_epoch"],
+                      "summary": r["summary"]} for r in records]
     else:
         rows = list(methods or table_methods())
         header = ["ratio", "method"] + list(columns)
@@ -153,9 +164,10 @@ def write_table(table: str, summaries: list[Path], ratios: list[float], columns:
             md.append("|---" * (len(columns) + 1) + "|")
             for m in rows:
                 md.append(f"| {CATALOG[m].label} | " + " | ".join(_cell(cells, (r, m, c)) for c in columns) + " |")
-        long_fields = ["ratio", "method", "arch", "seed", "test_acc", "summary"]
+        long_fields = ["ratio", "method", "arch", "seed", "test_acc", "val_epoch", "test_acc_at_val_epoch", "summary"]
         long_rows = [{"ratio": r["ratio"], "method": r["row"], "arch": r["arch"], "seed": r["seed"],
-                      "test_acc": r["value"], "summary": r["summary"]} for r in records]
+                      "test_acc": r["value"], "val_epoch": r["val_epoch"], "test_acc_at_val_epoch": r["at_val_epoch"],
+                      "summary": r["summary"]} for r in records]
         long_rows.sort(key=lambda x: (ratios_k.index(x["ratio"]), rows.index(x["method"]),
                                       list(columns).index(x["arch"]), x["seed"]))
     write_csv(out, wide, header)

@@ -121,6 +121,8 @@ def common_args(exp, run=None, recipe=None):
     return (f"--data-root {DATA_ROOT} --no-checksum --batch-size {recipe.get('batch_size', P['batch_size'])} "
             f"--num-workers {P.get('num_workers', 0)} --dropout {EXPS[exp].get('dropout', 0)} "
             + (f"--milestones {' '.join(fmt(m) for m in milestones)} " if milestones else "")
+            + (f"--val-per-class {EXPS[exp]['val_per_class']} " if recipe is EXPS[exp] and EXPS[exp].get("val_per_class")
+               else "")
             + f"--eval-every {every} --device {P['device']} --profile {PROFILE}")
 
 

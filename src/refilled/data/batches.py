@@ -39,11 +39,25 @@ class TaskSplit:
         return {"n_images": len(self.indices), "indices_sha256_16": indices_digest(self.indices)}
 
 
-def task_split(source: ArraySplit | FileSplit, classes: list[int], per_class: int | None = None, seed: int = 0) -> TaskSplit:
-    indices = subsample_per_class(source.labels, classes, per_class, seed)
+def task_split(source: ArraySplit | FileSplit, classes: list[int], per_class: int | None = None, seed: int = 0,
+               exclude: torch.Tensor | None = None) -> TaskSplit:
+    """`per_class` seeded images of each class (all when None), never one of the rows `exclude`."""
+    labels = source.labels
+    if exclude is not None and len(exclude):
+        labels = labels.clone()
+        labels[exclude] = -1
+    indices = subsample_per_class(labels, classes, per_class, seed)
     to_task = torch.full((int(source.labels.max()) + 1,), -1, dtype=torch.long)
     to_task[torch.tensor(classes)] = torch.arange(len(classes))
     return TaskSplit(source, indices, to_task[source.labels[indices]], list(classes))
+
+
+def train_val_split(source: ArraySplit | FileSplit, classes: list[int], per_class: int | None, val_per_class: int,
+                    seed: int) -> tuple[TaskSplit, TaskSplit]:
+    """A held-out validation split of `val_per_class` training images per class (its own seeded
+    draw), and the training subsample drawn from the rest."""
+    val = task_split(source, classes, val_per_class, seed + 1_000_003)
+    return task_split(source, classes, per_class, seed, exclude=val.indices), val
 
 
 def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
