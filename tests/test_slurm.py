@@ -383,3 +383,25 @@ def test_pin_in_a_slurm_job_without_gpus_takes_none_of_the_nodes(monkeypatch):
     assert pin.gpu_ids("auto", {"SLURM_JOB_ID": "7"}) == []
     assert pin.gpu_ids("auto", {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "2"}) == ["2"]
     assert pin.gpu_ids("auto", {}) == ["0", "1", "2", "3"]
+
+
+def test_profile_asks_for_one_task_whatever_the_gpu_count():
+    """The profile's default resources, with gpu=2, give an sbatch call without --ntasks-per-gpu
+    (the plugin's old default started such a job once per GPU) and with --gpus=2."""
+    submit = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string",
+                                 reason="pip install -e '.[cluster]' (the Slurm executor plugin)")
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    profile = yaml.safe_load((ROOT / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    defaults = dict(profile["default-resources"])
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    threads = 4
+    resources = Resources({k: (threads if v == "threads" else v) for k, v in defaults.items()}, gpu=2)
+    job = SimpleNamespace(resources=resources, threads=threads, is_group=lambda: False, name="train")
+    params = {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "c", "account": "", "partition": "",
+              "workdir": "/w"}
+    call = submit.get_submit_command(job, params) + set_gres_string(job)
+    assert "--ntasks-per-gpu" not in call and "--gpus=2" in call and "--cpus-per-gpu=4" in call, call
