@@ -10,8 +10,8 @@ root = Path(sys.argv[1])
 rows = []
 for path in sorted(root.glob("seed*/*/summary.json")):
     s = json.loads(path.read_text())
-    rows.append({"seed": s["seed"], "run": path.parent.name, "metric": "ncm_acc" if s["kind"] == "stage1" else "test_acc",
-                 "value": s["ncm_acc"] if s["kind"] == "stage1" else s["test_acc"]})
+    metric = "test_acc" if "test_acc" in s else "ncm_acc"   # stage 1 is scored by NCM only
+    rows.append({"seed": s["seed"], "run": path.parent.name, "metric": metric, "value": s[metric]})
 for path in sorted(root.glob("seed*/ncm_*.json")):
     s = json.loads(path.read_text())
     rows.append({"seed": int(path.parent.name[4:]), "run": path.stem, "metric": "ncm_acc", "value": s["ncm_acc"]})
