@@ -14,6 +14,18 @@ configfile: f"{workflow.basedir}/params.yaml"
 include: "workflow/rules/common.smk"
 
 
+wildcard_constraints:
+    exp="|".join(EXPS),
+    dataset="fashion-mnist|cifar100|cub200",
+    h=r"\d+",
+    ratio=r"\d+(\.\d+)?",
+    arch=r"wrn-\d+-\d+|mobilenet-\d+(\.\d+)?",
+    seed=r"\d+",
+    order="seeded|authors",
+    method="|".join(re.escape(m) for m in sorted(CATALOG, key=len, reverse=True)),
+    tag=r"(_[a-z]+[A-Za-z0-9.]*)*",
+
+
 report: "workflow/report/workflow.rst"
 
 

@@ -25,10 +25,6 @@ except SystemExit as exc:
     rc = exc.code
 print(json.dumps({"rc": rc, "loaded": sorted(m for m in ("torch", "torchvision") if m in sys.modules)}))
 """
-# cli.py builds `refilled bench`'s parser by importing refilled.bench, which imports torch: until
-# the parser imports it only when `bench` runs, every command loads torch (strict: an XPASS fails,
-# so the marker goes with that change)
-BENCH_PARSER = pytest.mark.xfail(strict=True, reason="cli.py imports refilled.bench (torch) to build its parser")
 
 
 def loaded(argv: list, cwd: Path) -> tuple[int, list[str]]:
@@ -40,7 +36,6 @@ def loaded(argv: list, cwd: Path) -> tuple[int, list[str]]:
     return report["rc"], report["loaded"]
 
 
-@BENCH_PARSER
 @pytest.mark.parametrize("argv", [["--help"], ["split", "--help"], ["table", "--help"], ["figure", "--help"],
                                   ["lambda-auc", "--help"]], ids=lambda a: a[0])
 def test_help_imports_no_torch(tmp_path, argv):
@@ -48,7 +43,6 @@ def test_help_imports_no_torch(tmp_path, argv):
     assert rc == 0 and mods == []
 
 
-@BENCH_PARSER
 def test_split_imports_no_torch(tmp_path):
     rc, mods = loaded(["split", "--dataset", "fashion-mnist", "--ratio", "0.6", "--seed", "0", "--out",
                        tmp_path / "s.json"], tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 BASE = Path(workflow.basedir)
-sys.path.insert(0, str(BASE / "src"))
+sys.path.insert(0, f"{BASE}/src")
 from refilled.config import ConfigError, fmt, k_hat_value, load_profile, method_values  # noqa: E402
 from refilled.methods import CATALOG  # noqa: E402
 from refilled.methods.catalog import TEACHER_METHOD  # noqa: E402
@@ -52,21 +52,10 @@ RUN_FILES = ("summary.json", "model.pt", "metrics.csv")                    # wha
 GPUS = P["gpus"]                       # passed to `refilled pin` (auto: counted on the node that runs the job)
 SLOTS = P["gpu_slots_per_gpu"]
 N_GPUS = count_gpus("auto") if GPUS == "auto" else int(GPUS)
-if N_GPUS > 0 and "gpu" not in workflow.global_resources:
+if N_GPUS > 0 and "gpu" not in workflow.global_resources and not workflow.non_local_exec:
+    # (on a cluster the GPUs of the submitting node say nothing about the cluster's)
     # a local run never starts more GPU jobs than slots; `--resources gpu=N` on the command line wins
     workflow.register_resource("gpu", N_GPUS * SLOTS)
-
-
-wildcard_constraints:
-    exp="|".join(EXPS),
-    dataset="fashion-mnist|cifar100|cub200",
-    h=r"\d+",
-    ratio=r"\d+(\.\d+)?",
-    arch=r"wrn-\d+-\d+|mobilenet-\d+(\.\d+)?",
-    seed=r"\d+",
-    order="seeded|authors",
-    method="|".join(re.escape(m) for m in sorted(CATALOG, key=len, reverse=True)),
-    tag=r"(_[a-z]+[A-Za-z0-9.]*)*",
 
 
 # ---- path helpers (the rules and the targets use the same ones) ----
@@ -81,13 +70,15 @@ def data_ready(exp):
 
 
 def teacher_dir(exp, seed):
-    return f"{RUNS}/" + TEACHER_RUN.format(exp=exp, seed=seed)
+    run = TEACHER_RUN.format(exp=exp, seed=seed)
+    return f"{RUNS}/{run}"
 
 
 def run_dir(exp, ratio, arch, seed, method, **swept):
     """The run of `method` for one cell, at the profile's hyper-parameters (`swept` overrides some)."""
     name = CATALOG[method].run_name(method_values(P, method, **swept))
-    return f"{RUNS}/" + STUDENT_RUN.format(exp=exp, ratio=fmt(ratio), arch=arch, seed=seed, method=name, tag="")
+    run = STUDENT_RUN.format(exp=exp, ratio=fmt(ratio), arch=arch, seed=seed, method=name, tag="")
+    return f"{RUNS}/{run}"
 
 
 def tag_values(method, tag):
@@ -101,6 +92,31 @@ def tag_values(method, tag):
                                 f"(its run names spell {', '.join(prefixes.values()) or 'nothing'})")
         values[key] = part[len(prefixes[key]):]
     return values
+
+
+# ---- inputs and flags of the training rule (train.smk) ----
+def train_inputs(wc):
+    entry = CATALOG[wc.method]
+    inputs = {"split": split_file(wc.exp, wc.ratio, wc.seed), "data": data_ready(wc.exp)}
+    if entry.teacher:
+        inputs["teacher"] = f"{teacher_dir(wc.exp, wc.seed)}/model.pt"
+    if entry.starts_from:
+        inputs["init"] = f"{run_dir(wc.exp, wc.ratio, wc.arch, wc.seed, entry.starts_from)}/model.pt"
+    return inputs
+
+
+def train_sets(wc):
+    """--set for every hyper-parameter the profile or the directory name fixes."""
+    values = method_values(P, wc.method, **tag_values(wc.method, wc.tag))
+    name = CATALOG[wc.method].run_name(values)
+    if name != f"{wc.method}{wc.tag}":   # e.g. lam1.0 for lam1: one spelling per run
+        raise WorkflowError(f"run directory {wc.method}{wc.tag} should be spelled {name}")
+    hp = CATALOG[wc.method].settable
+    return " ".join(f"--set {k}={hp[k].format(v)}" for k, v in values.items() if k in hp)
+
+
+def train_flags(wc, input):
+    return " ".join(f"--{k} {getattr(input, k)}" for k in ("teacher", "init") if hasattr(input, k))
 
 
 def summaries(dirs):
@@ -169,3 +185,6 @@ def table_rule_params(exp):
 TABLES = [f"results/table{t}{suffix}" for t in (1, 2, 4) for suffix in (".csv", "_long.csv", ".md")]
 FIGURES = [f"figures/{name}.{ext}" for name in ("figure1_convergence", "figure2_lambda_sweep", "figure3_lambda_hist")
            for ext in ("png", "pdf")]
+
+# workflow/envs/refilled.yaml, as the rule files beside this one spell it
+CONDA_ENV = "../envs/refilled.yaml"

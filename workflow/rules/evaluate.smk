@@ -10,6 +10,8 @@ rule lambda_auc:
     output:
         report("results/lambda_auc.csv", caption="../report/lambda_auc.rst", category="Figures",
                subcategory="Figure 3"),
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/lambda_auc.log",
     benchmark:

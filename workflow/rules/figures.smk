@@ -8,6 +8,8 @@ rule figure1:
         png=report("figures/figure1_convergence.png", caption="../report/figure1.rst", category="Figures",
                    subcategory="Figure 1"),
         pdf="figures/figure1_convergence.pdf",
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/figure1.log",
     benchmark:
@@ -26,6 +28,8 @@ rule figure2:
         png=report("figures/figure2_lambda_sweep.png", caption="../report/figure2.rst", category="Figures",
                    subcategory="Figure 2"),
         pdf="figures/figure2_lambda_sweep.pdf",
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/figure2.log",
     benchmark:
@@ -44,6 +48,8 @@ rule figure3:
         png=report("figures/figure3_lambda_hist.png", caption="../report/figure3.rst", category="Figures",
                    subcategory="Figure 3"),
         pdf="figures/figure3_lambda_hist.pdf",
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/figure3.log",
     benchmark:

@@ -6,6 +6,8 @@
 rule split:
     output:
         "data/splits/{dataset}/{order}/h{h}/r{ratio}/seed{seed}.json",
+    conda:
+        CONDA_ENV
     log:
         "results/logs/splits/{dataset}/{order}/h{h}/r{ratio}/seed{seed}.log",
     benchmark:

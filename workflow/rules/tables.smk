@@ -8,6 +8,8 @@ rule table1:
         csv=report("results/table1.csv", caption="../report/table1.rst", category="Tables"),
         long="results/table1_long.csv",
         md="results/table1.md",
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/table1.log",
     benchmark:
@@ -28,6 +30,8 @@ rule table2:
         csv=report("results/table2.csv", caption="../report/table2.rst", category="Tables"),
         long="results/table2_long.csv",
         md="results/table2.md",
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/table2.log",
     benchmark:
@@ -48,6 +52,8 @@ rule table4:
         csv=report("results/table4.csv", caption="../report/table4.rst", category="Tables"),
         long="results/table4_long.csv",
         md="results/table4.md",
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/table4.log",
     benchmark:

@@ -8,6 +8,8 @@ rule teacher:
         data=lambda wc: data_ready(wc.exp),
     output:
         **{f.split(".")[0]: f"{RUNS}/{TEACHER_RUN}/{f}" for f in RUN_FILES},
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/{TEACHER_RUN}.log",
     benchmark:

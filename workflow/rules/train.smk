@@ -4,35 +4,13 @@
 # REFILLED rows from stage 1) reads that run's model at the profile's hyper-parameters.
 
 
-def train_inputs(wc):
-    entry = CATALOG[wc.method]
-    inputs = {"split": split_file(wc.exp, wc.ratio, wc.seed), "data": data_ready(wc.exp)}
-    if entry.teacher:
-        inputs["teacher"] = f"{teacher_dir(wc.exp, wc.seed)}/model.pt"
-    if entry.starts_from:
-        inputs["init"] = f"{run_dir(wc.exp, wc.ratio, wc.arch, wc.seed, entry.starts_from)}/model.pt"
-    return inputs
-
-
-def train_sets(wc):
-    """--set for every hyper-parameter the profile or the directory name fixes."""
-    values = method_values(P, wc.method, **tag_values(wc.method, wc.tag))
-    name = CATALOG[wc.method].run_name(values)
-    if name != f"{wc.method}{wc.tag}":   # e.g. lam1.0 for lam1: one spelling per run
-        raise WorkflowError(f"run directory {wc.method}{wc.tag} should be spelled {name}")
-    hp = CATALOG[wc.method].settable
-    return " ".join(f"--set {k}={hp[k].format(v)}" for k, v in values.items() if k in hp)
-
-
-def train_flags(wc, input):
-    return " ".join(f"--{k} {getattr(input, k)}" for k in ("teacher", "init") if hasattr(input, k))
-
-
 rule train:
     input:
         unpack(train_inputs),
     output:
         **{f.split(".")[0]: f"{RUNS}/{STUDENT_RUN}/{f}" for f in RUN_FILES},
+    conda:
+        CONDA_ENV
     log:
         f"{LOGS}/{STUDENT_RUN}.log",
     benchmark:
