@@ -45,6 +45,7 @@ localrules:
     students,
     tables,
     figures,
+    fetch_fashion_mnist,
     prepare_data,
     split,
     table1,

@@ -217,7 +217,7 @@ def faults_profile() -> dict:
     t2 = cfg["experiments"]["table2"]
     t2["teacher"].update(arch=ARCH, per_class=40, epochs=3)
     t2.update(per_class=40, stage1_epochs=3)
-    cfg["table4"] = {"experiment": "table2", "arch": ARCH, "ratios": [0.6], "k_hats": [1, "inf"]}
+    cfg["table4"] = {"experiment": "table2", "method": "stage1", "arch": ARCH, "ratios": [0.6], "k_hats": [1, "inf"]}
     return cfg
 
 
@@ -667,8 +667,10 @@ BAD_PROFILES = {
     "unknown dataset": (_set("experiments.table1.dataset", "imagenet"),
                         ["experiments.table1.dataset", "'imagenet' is not one of", "fashion-mnist", "cifar100",
                          "cub200"]),
-    "unknown method key": (_set("experiments.table2.methods", ["student", "kd"]),
-                           ["unknown key(s) 'methods'", "experiments.table2", "allowed:", "stage1_epochs"]),
+    "unknown method in a table": (_set("experiments.table2.methods", ["student", "kd"]),
+                                  ["experiments.table2.methods[1]", "'kd' is not one of", "'student'", "'refilled'"]),
+    "unknown experiment key": (_set("experiments.table2.method", ["student"]),
+                               ["unknown key(s) 'method'", "experiments.table2", "allowed:", "stage1_epochs"]),
     "ratio h does not divide (Table 4)": (_set("table4.ratios", [0.3]),
                                           ["table4", "ratio 0.3", "classes_per_task 5"]),
     "ratio list of the wrong type": (_set("experiments.table2.ratios", "all"),

@@ -65,6 +65,13 @@ def split_file(exp, ratio, seed):
     return f"data/splits/{e['dataset']}/{order}/h{e['classes_per_task']}/r{fmt(ratio)}/seed{seed}.json"
 
 
+def raw_data_inputs(wc):
+    """Fashion-MNIST is fetched first when data/raw holds none of its files."""
+    if wc.dataset == "fashion-mnist" and not list(Path("data/raw/fashion-mnist").glob("*-ubyte*")):
+        return [f"{DATA}/fetched/fashion-mnist.log"]
+    return []
+
+
 def data_ready(exp):
     return f"{DATA}/{EXPS[exp]['dataset']}.json"
 
