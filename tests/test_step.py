@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from refilled.data.batches import Batches, task_split
-from refilled.methods import CrossEntropy
 from refilled.methods.base import Method
-from refilled.methods.distill import AML, RKD, ComparisonMatching, LocalDistillation
+from refilled.methods.student import Student
 from refilled.models import build_model
 from refilled.step import NonFiniteLoss, TrainStep, graph_mode_from_env
 from refilled.train import OptimConfig, fit
+from methods_cases import CASE_IDS, build_case
 
 CPU = torch.device("cpu")
 B, C = 8, 4
@@ -31,28 +31,10 @@ def batches(n=5, seed=0):
 
 
 def make_method(name, seed=0):
-    torch.manual_seed(seed)
-    student = build_model("wrn-10-1", C)
-    teacher = build_model("wrn-10-2", 6).eval()
-    if name == "ce":
-        return CrossEntropy(student)
-    if name == "stage1":
-        return ComparisonMatching(student, teacher, k_hat=None)
-    if name == "stage1-k2":
-        return ComparisonMatching(student, teacher, k_hat=2)
-    if name == "stage2":
-        centers = F.normalize(torch.randn(C, teacher.embedding_dim), dim=1)
-        return LocalDistillation(student, teacher, centers, "adaptive", 2.0, 2.0)
-    if name == "stage2-batch":
-        return LocalDistillation(student, teacher, None, "constant", 2.0, 2.0)
-    if name == "rkd":
-        return RKD(student, teacher)
-    if name == "aml":
-        return AML(student, teacher)
-    raise KeyError(name)
+    return build_case(name, prepare_batches=batches(2, seed=99), seed=seed)
 
 
-METHODS = ["ce", "stage1", "stage1-k2", "stage2", "stage2-batch", "rkd", "aml"]
+METHODS = CASE_IDS
 
 
 def run(method, mode, data, lrs=(0.1, 0.02), **kw):
@@ -154,7 +136,7 @@ def test_replayed_step_has_no_host_sync(name):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("name", ["ce", "stage1", "stage2"])
+@pytest.mark.parametrize("name", ["student", "stage1", "refilled"])
 def test_eager_step_matches_the_plain_loop(name):
     """Fused SGD with a tensor lr, on-device sums: the same training as the plain loop
     (float lr, unfused SGD) up to float rounding (tolerance 1e-5 relative, 1e-6 absolute)."""
@@ -180,7 +162,7 @@ def test_learning_rate_changes_reach_the_replayed_step():
     visible under a real graph, in tests/test_cuda.py
     (test_graph_training_follows_eager_training_with_lr_changes, lr 0 after capture)."""
     data = batches(3)
-    method = make_method("ce")
+    method = make_method("student")
     step = TrainStep(method, CPU, lr=0.1, graph="emulate")
     step.begin_epoch(0, 0.1)
     step.step(*data[0])
@@ -251,7 +233,7 @@ def test_non_finite_loss_in_fit_keeps_the_last_checkpoint(tmp_path):
 
 def test_optimizer_state_round_trip_and_recapture():
     data = batches(4)
-    m1 = make_method("stage2")
+    m1 = make_method("refilled")
     m2 = copy.deepcopy(m1)
     s1 = TrainStep(m1, CPU, graph="emulate")
     s1.begin_epoch(0, 0.1)
@@ -278,7 +260,7 @@ def test_optimizer_state_round_trip_and_recapture():
 def test_other_batch_shape_runs_eagerly_and_the_graph_stays_valid():
     data = batches(3)
     small = (data[2][0][:6], data[2][1][:6])
-    m_eager, m_graph = make_method("ce"), make_method("ce")
+    m_eager, m_graph = make_method("student"), make_method("student")
     for method, mode in ((m_eager, "off"), (m_graph, "emulate")):
         step = TrainStep(method, CPU, graph=mode)
         step.begin_epoch(0, 0.1)
@@ -294,12 +276,12 @@ def test_capture_needs_a_warm_up_step():
     """Without one, the captured SGD would be a first step forever (momentum dropped) and
     the accumulators would be created, and zeroed, inside the graph."""
     with pytest.raises(ValueError, match="warmup_steps must be at least 1, got 0"):
-        TrainStep(make_method("ce"), CPU, graph="emulate", warmup_steps=0)
+        TrainStep(make_method("student"), CPU, graph="emulate", warmup_steps=0)
 
 
 def test_graph_on_needs_cuda():
     with pytest.raises(ValueError, match="CUDA"):
-        TrainStep(make_method("ce"), CPU, graph="on")
+        TrainStep(make_method("student"), CPU, graph="on")
 
 
 @pytest.mark.parametrize("value,default,expected", [
@@ -341,7 +323,7 @@ def test_fit_with_emulated_capture_equals_eager_fit(tmp_path):
         torch.manual_seed(3)
         model = build_model("wrn-10-1", 4)
         cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
-        fit(CrossEntropy(model), train, lambda: {}, cfg, tmp_path / mode, CPU, 3, graph=mode)
+        fit(Student(model), train, lambda: {}, cfg, tmp_path / mode, CPU, 3, graph=mode)
         results[mode] = (model.state_dict(), list(csv.DictReader(open(tmp_path / mode / "metrics.csv"))))
     (a, rows_a), (b, rows_b) = results["off"], results["emulate"]
     for k in a:
@@ -353,12 +335,12 @@ def test_fit_with_emulated_capture_equals_eager_fit(tmp_path):
 def test_loaded_momentum_buffers_take_the_layout_of_their_params():
     """A resume checkpoint written from contiguous buffers, loaded into a channels-last model:
     the buffers are re-laid out as their params (the fused CUDA kernel requires it)."""
-    m1 = make_method("ce")
+    m1 = make_method("student")
     s1 = TrainStep(m1, CPU, graph="off")
     s1.begin_epoch(0, 0.1)
     s1.step(*batches(1)[0])
     saved = s1.optimizer_state_dict()
-    m2 = make_method("ce").to(memory_format=torch.channels_last)
+    m2 = make_method("student").to(memory_format=torch.channels_last)
     s2 = TrainStep(m2, CPU, graph="off", channels_last=True)
     s2.load_optimizer_state_dict(saved)
     conv = [p for p in s2.params if p.dim() == 4]
