@@ -19,7 +19,7 @@ wildcard_constraints:
     dataset="fashion-mnist|cifar100|cub200",
     h=r"\d+",
     ratio=r"\d+(\.\d+)?",
-    arch=r"wrn-\d+-\d+|mobilenet-\d+(\.\d+)?",
+    arch=ARCH_PATTERN,
     seed=r"\d+",
     order="seeded|authors",
     method="|".join(re.escape(m) for m in sorted(CATALOG, key=len, reverse=True)),

@@ -362,58 +362,11 @@ def cmd_ncm(args) -> int:
     return 0
 
 
-def _idx_bytes(array) -> bytes:
-    import struct
-
-    import numpy as np
-
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    return struct.pack(f">I{array.ndim}I", 0x0800 | array.ndim, *array.shape) + array.tobytes()
-
-
 def cmd_prepare_data(args) -> int:
-    import numpy as np
-    import torch
+    from refilled.data.prepare import prepare_data
 
-    from refilled.data import dataset_dir, load_dataset
-    from refilled.data.splits import indices_digest, subsample_per_class
-    from refilled.io import atomic_write_bytes, write_json
-
-    root, out = Path(args.root), Path(args.out)
-    subsample = args.test_per_class is not None or args.train_per_class is not None
-    if subsample and args.dataset != "fashion-mnist":
-        raise ValueError(f"--test-per-class/--train-per-class are implemented for fashion-mnist only, not {args.dataset}")
-    dataset = load_dataset(args.dataset, root, verify_checksums=not args.no_checksum)   # raises on any problem
-    src, dst = dataset_dir(args.dataset, root), dataset_dir(args.dataset, out)
-    out.mkdir(parents=True, exist_ok=True)
-    info = {"dataset": args.dataset, "source": str(src), "seed": args.seed,
-            "checksums": "skipped" if args.no_checksum else "verified where known"}
-    if not subsample:
-        # nothing to copy: runs read the verified files where they are (--data-root ROOT)
-        info.update(kind="verified", path=str(src), data_root=str(root), n_train=len(dataset.train),
-                    n_test=len(dataset.test))
-    else:
-        dst.mkdir(parents=True, exist_ok=True)
-        kept = {}
-        for prefix, part, per_class in (("train", dataset.train, args.train_per_class),
-                                        ("t10k", dataset.test, args.test_per_class)):
-            labels = part.labels
-            keep = subsample_per_class(labels, sorted(set(labels.tolist())), per_class, args.seed)
-            keep = keep.sort().values                      # original order of the file
-            images = part.images[keep][:, 0, 2:30, 2:30]  # undo the 32x32 padding: the original 28x28 pixels
-            atomic_write_bytes(dst / f"{prefix}-images-idx3-ubyte", _idx_bytes(images.numpy()))
-            atomic_write_bytes(dst / f"{prefix}-labels-idx1-ubyte", _idx_bytes(labels[keep].numpy().astype(np.uint8)))
-            for stale in (dst / f"{prefix}-images-idx3-ubyte.gz", dst / f"{prefix}-labels-idx1-ubyte.gz"):
-                stale.unlink(missing_ok=True)
-            info[f"{'test' if prefix == 't10k' else 'train'}_per_class"] = per_class
-            info[f"n_{'test' if prefix == 't10k' else 'train'}"] = len(keep)
-            info[f"{'test' if prefix == 't10k' else 'train'}_digest"] = indices_digest(keep)
-            kept[prefix] = part.images[keep]
-        check = load_dataset(args.dataset, out, verify_checksums=False)   # read back through the real loader
-        if not (torch.equal(check.train.images, kept["train"]) and torch.equal(check.test.images, kept["t10k"])):
-            raise ValueError("the prepared images differ from the source images (IDX round trip failed)")
-        info.update(kind="subsample", path=str(dst), data_root=str(out))
-    write_json(out / f"{args.dataset}.json", info)
+    info = prepare_data(args.dataset, Path(args.root), Path(args.out), args.test_per_class, args.train_per_class,
+                        args.seed, verify_checksums=not args.no_checksum)
     print(f"{args.dataset} ({info['kind']}) in {info['path']}: {info['n_train']} training, {info['n_test']} test images")
     return 0
 

@@ -18,11 +18,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from refilled.archs import arch_ok
+
 NUM_CLASSES = {"fashion-mnist": 10, "cifar100": 100, "cub200": 200}
 # Profile keys that set a hyper-parameter of every method declaring it (the grid's values).
 GRID_KEYS = ("lam", "k_hat")
 EXPERIMENTS = ("table1", "table2")
-_ARCH = re.compile(r"(wrn-(\d+)-(\d+))|(mobilenet-(\d+(?:\.\d+)?))")
 
 
 class ConfigError(ValueError):
@@ -42,16 +43,6 @@ def shared_classes(ratio: float, h: int) -> int | None:
     """r * h if it is a whole number in [0, h] (the split rule's condition), else None."""
     shared = Fraction(ratio).limit_denominator(10_000) * h
     return int(shared) if shared.denominator == 1 and 0 <= shared <= h else None
-
-
-def arch_ok(name: str) -> bool:
-    m = _ARCH.fullmatch(name)
-    if not m:
-        return False
-    if m.group(1):
-        depth, width = int(m.group(2)), int(m.group(3))
-        return depth >= 10 and (depth - 4) % 6 == 0 and width >= 1
-    return float(m.group(5)) > 0
 
 
 def load_yaml(path: Path) -> Any:

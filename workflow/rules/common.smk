@@ -10,6 +10,7 @@ from snakemake.exceptions import WorkflowError
 
 BASE = Path(workflow.basedir)
 sys.path.insert(0, f"{BASE}/src")
+from refilled.archs import ARCH_PATTERN  # noqa: E402
 from refilled.config import ConfigError, fmt, k_hat_value, load_profile, method_values  # noqa: E402
 from refilled.methods import CATALOG  # noqa: E402
 from refilled.methods.catalog import TEACHER_METHOD  # noqa: E402
