@@ -157,11 +157,11 @@ def test_stage2_tau_divides_teacher_and_student(tau, weighting):
     assert loss.item() == pytest.approx(ref, rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.parametrize("weighting", ["true-class", "constant", "adaptive"])
+@pytest.mark.parametrize("weighting", ["true-class", "constant"])
 def test_kl_scale_tau2_reproduces_the_old_reading(weighting):
     """Our earlier reading: tau^2 * mean lambda_i KL, lambda_i = lam p_T(y_i) (tau-tempered)."""
     sl, te, ce, lab, _ = _stage2_data(3)
-    oracle_w = "true-class" if weighting == "adaptive" else weighting
+    oracle_w = weighting
     ref, ref_lam = _np_stage2(sl, te, ce, lab, 2.0, 2.0, oracle_w, tau2_factor=True)
     loss, lam_i = local_distillation_loss(_t(sl), _t(te), _t(ce), torch.tensor(lab), 2.0, 2.0, weighting,
                                           kl_scale="tau2")
@@ -171,12 +171,11 @@ def test_kl_scale_tau2_reproduces_the_old_reading(weighting):
     assert loss.item() == pytest.approx(4.0 * plain.item(), rel=1e-5)
 
 
-def test_stage2_positional_call_of_the_old_call_site():
-    """(logits, t_emb, centers, y, tau, lam, weighting) with the old 'adaptive' name still runs."""
+def test_stage2_the_old_weighting_name_is_gone():
+    """The catalog rewiring removed 'adaptive' (now 'true-class'): it is refused, naming the allowed ones."""
     sl, te, ce, lab, _ = _stage2_data(2)
-    ref, _ = _np_stage2(sl, te, ce, lab, 2.0, 2.0, "true-class")
-    loss, _ = local_distillation_loss(_t(sl), _t(te), _t(ce), torch.tensor(lab), 2.0, 2.0, "adaptive")
-    assert loss.item() == pytest.approx(ref, rel=1e-4)
+    with pytest.raises(ValueError, match="'confidence', 'true-class', 'constant', 'none'; got 'adaptive'"):
+        local_distillation_loss(_t(sl), _t(te), _t(ce), torch.tensor(lab), 2.0, 2.0, "adaptive")
 
 
 def test_confidence_without_teacher_logits_raises():

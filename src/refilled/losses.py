@@ -346,7 +346,7 @@ def confidence_weights(teacher_logits: torch.Tensor, lam: float = 1.0) -> torch.
 def _resolve_weighting(weighting: str) -> str:
     if weighting not in WEIGHTINGS:
         raise ValueError(
-            "weighting must be one of 'confidence', 'true-class' (alias 'adaptive'), 'constant', 'none'; "
+            "weighting must be one of 'confidence', 'true-class', 'constant', 'none'; "
             f"got {weighting!r}"
         )
     return weighting
