@@ -1,7 +1,7 @@
 # The REFILLED workflow: every table and figure of the supplement from one command.
 #
 #   snakemake --cores 8 results/table2.csv                 # default profile (params.yaml: demo)
-#   snakemake --cores 8 --config profile=paper all         # another profile from config/
+#   snakemake --cores 8 all --config profile=paper         # another profile from config/
 #   snakemake --report report.html                         # tables and figures on one page
 #
 # This file is thin: the configuration, paths and helpers live in workflow/rules/common.smk,
@@ -36,6 +36,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/claims.smk"
 
 
 localrules:
@@ -55,6 +56,9 @@ localrules:
     figure1,
     figure2,
     figure3,
+    gain_vs_data,
+    claims_verdicts,
+    claims,
 
 
 rule all:
@@ -74,7 +78,7 @@ rule data:
 
 rule teachers:
     input:
-        [f"{teacher_dir(e, s)}/summary.json" for e in EXPS for s in SEEDS],
+        sorted({f"{teacher_dir(e, s)}/summary.json" for e in EXPS for s in SEEDS}),
 
 
 rule students:

@@ -34,13 +34,13 @@ matplotlib = pytest.importorskip("matplotlib")
 def drawn(monkeypatch):
     """The figures drawn (matplotlib Figure objects), in order; the files are still written."""
     figs = []
-    save = figures._save
+    save = figures.save_png_pdf
 
     def keep(fig, out):
         figs.append(fig)
         return save(fig, out)
 
-    monkeypatch.setattr(figures, "_save", keep)
+    monkeypatch.setattr(figures, "save_png_pdf", keep)
     yield figs
     import matplotlib.pyplot as plt
 

@@ -251,7 +251,7 @@ def test_unknown_profile_and_unknown_config_key_are_named(workflow_copy):
     out = snakemake(["all", "-n", "--config", "profile=nope"], snakefile=workflow_copy / "Snakefile",
                     workdir=workflow_copy, check=False)
     assert out.returncode != 0 and "unknown profile 'nope'" in out.stdout + out.stderr
-    assert "demo, gpu, paper, smoke" in out.stdout + out.stderr
+    assert "claims, demo, gpu, paper, smoke" in out.stdout + out.stderr
     out = snakemake(["all", "-n", "--config", "profile=smoke", "epochs=3"], snakefile=workflow_copy / "Snakefile",
                     workdir=workflow_copy, check=False)
     assert out.returncode != 0 and "unknown key(s) 'epochs'" in out.stdout + out.stderr
@@ -262,8 +262,10 @@ def test_shipped_profiles_are_valid_and_differ_in_numbers_only():
     from refilled.config import load_profile
 
     shapes = {}
-    for name in ("smoke", "demo", "gpu", "paper"):
+    for name in ("smoke", "demo", "gpu", "paper", "claims"):
         cfg = load_profile(ROOT, name)
+        # the gain-vs-data points (experiments gain_n<N>) are named after the profile's numbers
+        cfg["experiments"] = {k: v for k, v in cfg["experiments"].items() if "teacher_of" not in v}
 
         def shape(x):
             if isinstance(x, dict):
@@ -585,6 +587,45 @@ def test_smoke_lambda_auc_and_figure_inputs(smoke_clone):
         else:
             from sklearn.metrics import roc_auc_score
             assert float(r["auc"]) == pytest.approx(roc_auc_score(seen, [float(x["lambda_i"]) for x in lam]), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_smoke_claims_target_traces_every_comparison_to_the_tables(smoke_clone):
+    """`snakemake claims`: each claim-(a) comparison is the per-seed difference of two rows of
+    Table 2's long CSV (themselves traced to summaries); the gain-vs-data rows are the sweep's
+    own runs (experiments gain_n<N>, one per images-per-class point, sharing Table 2's teacher);
+    the report shows the claims in their own category."""
+    repo = smoke_clone["repo"]
+    cfg = profile("smoke")
+    snakemake(["claims", "--cores", "2"], snakefile=repo / "Snakefile", workdir=repo, timeout=900)
+    long = _read(repo / "results/table2_long.csv")
+    acc = {(r["ratio"], r["method"], r["arch"], r["seed"]): float(r["test_acc"]) for r in long}
+    rows = _read(repo / "results/claims.csv")
+    a_rows = [r for r in rows if r["claim"] == "a"]
+    assert len(a_rows) == len(cfg["experiments"]["table2"]["ratios"]) * 5
+    for r in a_rows:
+        ratio = r["scope"].split("r=")[1]
+        baseline = r["comparison"].split(" - ")[1]
+        archs = cfg["experiments"]["table2"]["students"]
+        want = statistics.fmean(acc[(ratio, "refilled", a, "0")] - acc[(ratio, baseline, a, "0")] for a in archs)
+        assert float(r["mean"]) == pytest.approx(want, abs=1e-3)
+        assert r["verdict"] == "inconclusive" and r["ci_low"] == ""       # one seed: no interval
+    assert {r["claim"] for r in rows} == set("abcde")
+    g = cfg["gain_vs_data"]
+    gain = _read(repo / "results/gain_vs_data.csv")
+    for row in gain:
+        if row["quantity"] == "refilled - student":
+            run = f"results/runs/smoke/students/gain_n{row['per_class']}/r{row['ratio']}/{g['arch']}/seed0"
+            s = {m: json.loads((repo / run / m / "summary.json").read_text()) for m in ("student", "refilled")}
+            assert s["student"]["data"]["per_class"] == int(row["per_class"])
+            assert float(row["mean"]) == pytest.approx(100 * (s["refilled"]["test_acc"] - s["student"]["test_acc"]),
+                                                       abs=1e-3)
+            assert s["refilled"]["params"]["teacher"].endswith("teachers/table2/seed0/model.pt")
+    assert {int(r["per_class"]) for r in gain} == set(g["per_class"])
+    assert (repo / "figures/gain_vs_data.png").stat().st_size > 10_000
+    snakemake(["claims", "--report", "claims.html"], snakefile=repo / "Snakefile", workdir=repo, timeout=600)
+    html = (repo / "claims.html").read_text(errors="replace")
+    assert "claims.csv" in html and "gain_vs_data.png" in html and "Claims" in html
 
 
 @pytest.mark.slow

@@ -215,6 +215,34 @@ def build_parser() -> argparse.ArgumentParser:
                      help="1: the stage-1 run then the stage-2 run (repeat the pair per seed); 2 and 3: run directories")
     fig.add_argument("--out", required=True, type=Path, help="output path without suffix; writes OUT.png and OUT.pdf")
     fig.set_defaults(func=cmd_figure)
+
+    claims = sub.add_parser("claims", help="test the supplement's claims over seeds: verdicts in CSV and Markdown",
+                            description="Paired per-seed differences, 95%% Student-t intervals and a verdict (holds / "
+                                        "fails / inconclusive) per comparison, by the rules of refilled.claims (and "
+                                        "the README). Inputs are the workflow's tables and run summaries.")
+    claims.add_argument("--table", nargs=2, action="append", default=[], metavar=("N", "LONG_CSV"),
+                        help="claims (a), (b): table N (1 or 2) and its long CSV; repeatable")
+    claims.add_argument("--table4", type=Path, help="claim (d): results/table4_long.csv")
+    claims.add_argument("--lambda-auc", type=Path, help="claim (c): results/lambda_auc.csv")
+    claims.add_argument("--auc-ratio", default="0.6", help="claim (c): the overlap ratio tested (default 0.6)")
+    claims.add_argument("--lambda-sweep", nargs="+", type=Path, default=[],
+                        help="claim (e): summary.json of every run of Figure 2's lambda sweep")
+    claims.add_argument("--note", default="", help="a line under the title (profile, machine)")
+    claims.add_argument("--out", required=True, type=Path, help="CSV, one row per comparison")
+    claims.add_argument("--markdown", required=True, type=Path)
+    claims.set_defaults(func=cmd_claims)
+
+    gain = sub.add_parser("gain-vs-data", help="gain of each method over the reference against the student's data",
+                          description="Per (images per class, overlap ratio): each method's accuracy minus the "
+                                      "reference's, paired per seed, the reference's accuracy and the teacher "
+                                      "embedding's NCM accuracy on the student's classes, with 95%% t-intervals.")
+    gain.add_argument("--summaries", required=True, nargs="+", type=Path, help="summary.json of every sweep run")
+    gain.add_argument("--teacher-ncm", nargs="*", type=Path, default=[],
+                      help="JSON of `refilled ncm --task student` with the teacher's model, one per point and seed")
+    gain.add_argument("--reference", default="student", help="the method the others are compared with")
+    gain.add_argument("--out", required=True, type=Path, help="CSV")
+    gain.add_argument("--figure", required=True, type=Path, help="output path without suffix (.png and .pdf)")
+    gain.set_defaults(func=cmd_gain)
     from refilled.doctor import add_doctor_parser
 
     # refilled.bench imports torch: its own parser (`refilled bench --help`) is built only when it runs
@@ -354,7 +382,7 @@ def cmd_ncm(args) -> int:
     tr = forward_all(model, train_b, device)
     te = forward_all(model, test_b, device)
     acc = ncm_accuracy(tr[1], tr[2], te[1], te[2], len(split[f"{args.task}_classes"]))
-    result = {"ncm_acc": acc, "task": args.task, "classes": split[f"{args.task}_classes"], **source,
+    result = {"ncm_acc": acc, "task": args.task, "seed": args.seed, "classes": split[f"{args.task}_classes"], **source,
               "split": str(args.split), "per_class": args.per_class, "n_train": len(tr[2]), "n_test": len(te[2])}
     if args.out:
         write_json(args.out, result)
@@ -400,6 +428,29 @@ def cmd_figure(args) -> int:
 
     paths = FIGURES[args.figure](args.runs, args.out)
     print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def cmd_claims(args) -> int:
+    from refilled.claims import ClaimsError, combine, evaluate_claims, write_claims
+
+    tables = {}
+    for number, path in args.table:
+        if number not in ("1", "2"):
+            raise ClaimsError(f"--table {number}: claims (a) and (b) read Table 1 or 2")
+        tables[number] = Path(path)
+    rows = evaluate_claims(tables, args.table4, args.lambda_auc, args.lambda_sweep, args.auc_ratio)
+    write_claims(rows, args.out, args.markdown, args.note)
+    for claim in sorted({r["claim"] for r in rows}):
+        print(f"claim ({claim}): {combine([r['verdict'] for r in rows if r['claim'] == claim])}")
+    return 0
+
+
+def cmd_gain(args) -> int:
+    from refilled.gain import write_gain
+
+    rows = write_gain(args.summaries, args.teacher_ncm, args.reference, args.out, args.figure)
+    print(f"gain vs data: {len(rows)} rows in {args.out}")
     return 0
 
 

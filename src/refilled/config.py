@@ -192,10 +192,54 @@ def check_semantics(cfg: dict, source: str) -> None:
             if get(m).scored_by != "test_acc":
                 problems.append(f"experiments.{name}.methods: {m} is scored by {get(m).scored_by}, "
                                 "not a row of Tables 1 and 2")
+    problems += _check_claims(cfg)
     if len(set(cfg["seeds"])) != len(cfg["seeds"]):
         problems.append(f"seeds: duplicates in {cfg['seeds']}")
     if problems:
         raise ConfigError(f"{source}: invalid configuration: " + "; ".join(problems))
+
+
+def _check_claims(cfg: dict) -> list[str]:
+    from refilled.methods import CATALOG
+
+    problems = []
+    claims, gain = cfg.get("claims"), cfg.get("gain_vs_data")
+    if claims and not any(math.isclose(claims["auc_ratio"], r) for r in cfg["figure3"]["ratios"]):
+        problems.append(f"claims.auc_ratio: {fmt(claims['auc_ratio'])} is not one of figure3.ratios "
+                        f"{cfg['figure3']['ratios']} (the runs whose lambda_i AUC claim (c) tests)")
+    if gain:
+        exp = cfg["experiments"][gain["experiment"]]
+        for r in gain["ratios"]:
+            if shared_classes(r, exp["classes_per_task"]) is None:
+                problems.append(f"gain_vs_data.ratios: {fmt(r)} is not valid for experiment {gain['experiment']}")
+        if not arch_ok(gain["arch"]):
+            problems.append(f"gain_vs_data.arch: unknown architecture {gain['arch']!r}")
+        pool = cfg["train_per_class"]
+        for n in gain["per_class"]:
+            if pool is not None and n > pool:
+                problems.append(f"gain_vs_data.per_class: {n} > train_per_class {pool} (the pool runs draw from)")
+        for m in gain["methods"]:
+            if m not in CATALOG or CATALOG[m].scored_by != "test_acc":
+                problems.append(f"gain_vs_data.methods: {m!r} is not a catalog method scored by test accuracy")
+    return problems
+
+
+def gain_experiment(n: int) -> str:
+    return f"gain_n{n}"
+
+
+def expand_gain_sweep(cfg: dict) -> dict:
+    """Each point of `gain_vs_data` as an experiment gain_n<N>: its base experiment with
+    per_class N, the sweep's ratios, student and methods, and `teacher_of` naming the base
+    whose teacher (and splits) it shares."""
+    gain = cfg.get("gain_vs_data")
+    if not gain:
+        return cfg
+    base = cfg["experiments"][gain["experiment"]]
+    points = {gain_experiment(n): {**base, "per_class": n, "ratios": list(gain["ratios"]), "students": [gain["arch"]],
+                                   "methods": list(gain["methods"]), "teacher_of": gain["experiment"]}
+              for n in gain["per_class"]}
+    return {**cfg, "experiments": {**cfg["experiments"], **points}}
 
 
 def load_profile(basedir: str | Path, name: str) -> dict:
@@ -210,7 +254,7 @@ def load_profile(basedir: str | Path, name: str) -> dict:
         raise ConfigError(f"{path}: must be a mapping of keys to values")
     validate_schema(cfg, with_catalog(load_yaml(basedir / "workflow" / "schemas" / "config.schema.yaml")), str(path))
     check_semantics(cfg, str(path))
-    return cfg
+    return expand_gain_sweep(cfg)
 
 
 def k_hat_value(x: Any) -> str:

@@ -17,7 +17,7 @@ from refilled.io import atomic_write_bytes, read_json
 from refilled.tables import read_csv
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +27,7 @@ def _plt():
     return plt
 
 
-def _save(fig, out: Path) -> list[Path]:
+def save_png_pdf(fig, out: Path) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         buf = io.BytesIO()
@@ -62,7 +62,7 @@ def figure1(runs: list[Path], out: Path) -> list[Path]:
     s1 = [read_csv(a / "metrics.csv") for a, _ in pairs]
     s2 = [read_csv(b / "metrics.csv") for _, b in pairs]
     info = read_json(pairs[0][1] / "summary.json")
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     from matplotlib.ticker import MaxNLocator
 
@@ -94,7 +94,7 @@ def figure1(runs: list[Path], out: Path) -> list[Path]:
                  f"student {info['arch']}, λ = {info['params']['lam']:g}, {len(pairs)} seed(s)"
                  + (" (band: min–max)" if len(pairs) > 1 else ""))
     fig.tight_layout()
-    return _save(fig, out)
+    return save_png_pdf(fig, out)
 
 
 def figure2(runs: list[Path], out: Path) -> list[Path]:
@@ -105,7 +105,7 @@ def figure2(runs: list[Path], out: Path) -> list[Path]:
         s = read_json(Path(run) / "summary.json")
         meta = meta or s
         data.setdefault(s["arch"], {}).setdefault(float(s["params"]["lam"]), []).append(100 * s["test_acc"])
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     markers = "osd^v<>"
     n_seeds = 1
@@ -127,7 +127,7 @@ def figure2(runs: list[Path], out: Path) -> list[Path]:
                  f"{meta['split']['ratio'] * 100:g}%\n(mean{' ± std' if n_seeds > 1 else ''} over {n_seeds} seed(s))",
                  fontsize=9)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_png_pdf(fig, out)
 
 
 def figure3(runs: list[Path], out: Path) -> list[Path]:
@@ -139,7 +139,7 @@ def figure3(runs: list[Path], out: Path) -> list[Path]:
         s = read_json(Path(run) / "summary.json")
         rows = read_csv(Path(run) / "lambda_i.csv")
         by_ratio.setdefault(float(s["split"]["ratio"]), []).append((s, rows))
-    plt = _plt()
+    plt = pyplot()
     ratios = sorted(by_ratio)
     fig, axes = plt.subplots(1, len(ratios), figsize=(4.6 * len(ratios), 3.6), squeeze=False)
     letters = "abcdefgh"
@@ -169,7 +169,7 @@ def figure3(runs: list[Path], out: Path) -> list[Path]:
     fig.suptitle(f"Histogram of λ_i: {s0['split']['dataset']}, student {s0['arch']}, "
                  f"{len(by_ratio[ratios[0]])} seed(s) pooled", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_png_pdf(fig, out)
 
 
 FIGURES = {"1": figure1, "2": figure2, "3": figure3}

@@ -11,7 +11,7 @@ from snakemake.exceptions import WorkflowError
 BASE = Path(workflow.basedir)
 sys.path.insert(0, f"{BASE}/src")
 from refilled.archs import ARCH_PATTERN  # noqa: E402
-from refilled.config import ConfigError, fmt, k_hat_value, load_profile, method_values  # noqa: E402
+from refilled.config import ConfigError, fmt, gain_experiment, k_hat_value, load_profile, method_values  # noqa: E402
 from refilled.methods import CATALOG  # noqa: E402
 from refilled.methods.catalog import TEACHER_METHOD  # noqa: E402
 from refilled.pin import count_gpus  # noqa: E402
@@ -78,7 +78,8 @@ def data_ready(exp):
 
 
 def teacher_dir(exp, seed):
-    run = TEACHER_RUN.format(exp=exp, seed=seed)
+    # the points of the gain-vs-data sweep (experiments gain_n<N>) share their base's teacher
+    run = TEACHER_RUN.format(exp=EXPS[exp].get("teacher_of", exp), seed=seed)
     return f"{RUNS}/{run}"
 
 
@@ -182,6 +183,31 @@ def figure2_runs():
 def figure3_runs():
     f = P["figure3"]
     return [run_dir(f["experiment"], r, f["arch"], s, f["method"], lam=f["lam"]) for r in f["ratios"] for s in SEEDS]
+
+
+# ---- the claims (claims.smk) ----
+def gain_runs():
+    g = P.get("gain_vs_data")
+    return [d for n in g["per_class"] for d in table_runs(gain_experiment(n))] if g else []
+
+
+def teacher_ncm_files():
+    g = P.get("gain_vs_data")
+    if not g:
+        return []
+    return [f"{RUNS}/teacher_ncm/{gain_experiment(n)}/r{fmt(r)}/seed{s}.json"
+            for n in g["per_class"] for r in g["ratios"] for s in SEEDS]
+
+
+def claims_inputs(wc):
+    c = P.get("claims")
+    if not c:
+        raise WorkflowError(f"profile {PROFILE} has no claims section (config/claims.yaml has one)")
+    return {"tables": [f"results/{t}_long.csv" for t in c["tables"]], "table4": "results/table4_long.csv",
+            "auc": "results/lambda_auc.csv", "sweep": summaries(figure2_runs())}
+
+
+GAIN_OUTPUTS = ["results/gain_vs_data.csv", "figures/gain_vs_data.png", "figures/gain_vs_data.pdf"]
 
 
 def table_rule_params(exp):

@@ -1,0 +1,192 @@
+"""`refilled claims` and `refilled gain-vs-data`: the intervals against the textbook formula,
+the verdict rules, the pairing over seeds, and the files and errors a user sees."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from refilled import claims
+from refilled.cli import main
+from refilled.config import ConfigError, gain_experiment, load_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+T975 = {2: 4.302653, 4: 2.776445}   # Student-t 97.5% quantiles (df 2, 4), from printed tables
+
+
+def test_t_interval_is_the_textbook_formula():
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    mean, lo, hi = claims.t_interval(values)
+    half = T975[4] * statistics.stdev(values) / math.sqrt(5)
+    assert mean == 3.0 and lo == pytest.approx(3.0 - half, abs=1e-5) and hi == pytest.approx(3.0 + half, abs=1e-5)
+    assert claims.t_interval([2.5]) == (2.5, None, None)
+
+
+@pytest.mark.parametrize("lo,hi,threshold,above,expected", [
+    (0.1, 2.0, 0.0, True, "holds"), (-2.0, -0.1, 0.0, True, "fails"), (-1.0, 1.0, 0.0, True, "inconclusive"),
+    (None, None, 0.0, True, "inconclusive"), (0.6, 0.8, 0.5, True, "holds"), (0.4, 0.6, 0.5, True, "inconclusive"),
+    (1.0, 2.5, 3.0, False, "holds"), (3.5, 4.0, 3.0, False, "fails"), (2.0, 3.5, 3.0, False, "inconclusive")])
+def test_verdict_rule(lo, hi, threshold, above, expected):
+    assert claims.verdict(lo, hi, threshold, above) == expected
+
+
+def test_a_claim_holds_only_if_every_comparison_holds():
+    assert claims.combine(["holds", "holds"]) == "holds"
+    assert claims.combine(["holds", "inconclusive"]) == "inconclusive"
+    assert claims.combine(["holds", "inconclusive", "fails"]) == "fails"
+    assert claims.combine([]) == "inconclusive"
+
+
+def write_long(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+# accuracy of (method, arch, seed) at each ratio: refilled beats student by 1 + seed at r = 0
+# and loses by 2 at r = 1 on wrn-a; on wrn-b the gaps are 3 and -2
+GAP = {("0", "wrn-a"): lambda s: 1.0 + s, ("0", "wrn-b"): lambda s: 3.0, ("1", "wrn-a"): lambda s: -2.0,
+       ("1", "wrn-b"): lambda s: -2.0 + 0.5 * s}
+
+
+def table_rows(methods=("student", "refilled-minus", "refilled"), seeds=(0, 1, 2)) -> list[dict]:
+    rows = []
+    for ratio in ("0", "1"):
+        for arch in ("wrn-a", "wrn-b"):
+            for seed in seeds:
+                base = 60.0 + 3 * seed
+                for m in methods:
+                    acc = base + (GAP[(ratio, arch)](seed) if m == "refilled" else 0.0) + \
+                        (0.25 if m == "refilled-minus" else 0.0)
+                    rows.append({"ratio": ratio, "method": m, "arch": arch, "seed": seed, "test_acc": acc})
+    return rows
+
+
+def test_claim_a_pairs_per_seed_after_averaging_over_students(tmp_path):
+    rows = claims.read_rows(write_long(tmp_path / "t2.csv", table_rows()))
+    got = {(c.scope, c.comparison): c for c in claims.claim_a(rows, "2", "t2.csv")}
+    r0 = got[("table2 r=0", "refilled - student")]
+    assert r0.per_seed == {s: pytest.approx(((1.0 + s) + 3.0) / 2) for s in (0, 1, 2)}
+    row = r0.row()
+    diffs = [2.0, 2.5, 3.0]
+    half = T975[2] * statistics.stdev(diffs) / math.sqrt(3)
+    assert row["mean"] == pytest.approx(2.5) and row["ci_low"] == pytest.approx(2.5 - half, abs=1e-3)
+    assert row["verdict"] == "holds" and row["n_seeds"] == 3
+    r1 = got[("table2 r=1", "refilled - student")].row()
+    assert r1["mean"] == pytest.approx(statistics.fmean([-2.0 + 0.25 * s for s in (0, 1, 2)]))
+    assert r1["verdict"] == "fails"
+    # the paper column: the supplement's own mean gap over its four students at that ratio
+    assert r0.paper == pytest.approx(statistics.fmean([82.60 - 81.02, 80.70 - 78.94, 80.18 - 78.98, 74.42 - 73.70]))
+
+
+def test_claim_b_low_minus_high_overlap(tmp_path):
+    rows = claims.read_rows(write_long(tmp_path / "t2.csv", table_rows()))
+    overall, low_high = claims.claim_b(rows, "2", "t2.csv")
+    gap = lambda ratio, s: statistics.fmean(GAP[(ratio, a)](s) for a in ("wrn-a", "wrn-b")) - 0.25
+    assert overall.per_seed == {s: pytest.approx((gap("0", s) + gap("1", s)) / 2) for s in (0, 1, 2)}
+    assert low_high.per_seed == {s: pytest.approx(gap("0", s) - gap("1", s)) for s in (0, 1, 2)}
+    assert low_high.row()["verdict"] == "holds"
+
+
+def test_unpaired_runs_are_refused_with_the_file_named(tmp_path):
+    rows = [r for r in table_rows() if not (r["method"] == "student" and r["seed"] == 2 and r["ratio"] == "0")]
+    path = write_long(tmp_path / "t2.csv", rows)
+    with pytest.raises(claims.ClaimsError, match="t2.csv.*different"):
+        claims.claim_a(claims.read_rows(path), "2", str(path))
+
+
+def test_claims_c_d_e(tmp_path):
+    auc = write_long(tmp_path / "auc.csv", [{"ratio": "0.6", "seed": s, "auc": 0.7 + 0.01 * s} for s in range(4)]
+                     + [{"ratio": "1", "seed": 0, "auc": ""}])
+    c_half, c_strong = claims.claim_c(claims.read_rows(auc), "0.6")
+    assert c_half.row()["verdict"] == "holds" and c_strong.row()["verdict"] == "fails"
+    t4 = write_long(tmp_path / "t4.csv", [{"ratio": "0", "k_hat": k, "arch": "wrn-a", "seed": s,
+                                           "ncm_acc": 50 + s + (2.0 if k == "inf" else 0.0) + 0.1 * s * (k == "inf")}
+                                          for k in ("1", "5", "inf") for s in range(3)])
+    (d,) = claims.claim_d(claims.read_rows(t4), "t4.csv")
+    assert d.per_seed == {s: pytest.approx(2.0 + 0.1 * s) for s in range(3)}
+    assert d.paper == pytest.approx(32.69 - 30.54)
+    summaries = []
+    for lam, acc in {0.5: 70.0, 2.0: 75.0, 8.0: 71.0}.items():
+        for s in range(3):
+            p = tmp_path / f"lam{lam}" / f"seed{s}.json"
+            p.parent.mkdir(exist_ok=True)
+            p.write_text(json.dumps({"params": {"lam": lam}, "seed": s, "test_acc": (acc + 0.3 * s * (lam == 8)) / 100}))
+            summaries.append(p)
+    *best, spread = claims.claim_e(summaries)
+    assert [c.comparison for c in best] == ["acc(lambda=2) - acc(lambda=0.5)", "acc(lambda=2) - acc(lambda=8)"]
+    assert best[1].per_seed == {s: pytest.approx(4.0 - 0.3 * s) for s in range(3)}
+    assert all(c.row()["verdict"] == "holds" for c in best)
+    assert spread.per_seed == {s: pytest.approx(5.0) for s in range(3)} and spread.row()["verdict"] == "fails"
+
+
+def test_cli_writes_csv_and_markdown_and_names_a_missing_file(tmp_path, capsys):
+    t2 = write_long(tmp_path / "t2.csv", table_rows())
+    out, md = tmp_path / "claims.csv", tmp_path / "claims.md"
+    assert main(["claims", "--table", "2", str(t2), "--out", str(out), "--markdown", str(md)]) == 0
+    rows = list(csv.DictReader(open(out, encoding="utf-8")))
+    assert {r["claim"] for r in rows} == {"a", "b"} and len(rows) == 2 * 2 + 2
+    text = md.read_text(encoding="utf-8")
+    assert "| (a) |" in text and "**fails**" in text
+    capsys.readouterr()
+    assert main(["claims", "--table", "2", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x.csv"),
+                 "--markdown", str(tmp_path / "x.md")]) == 2
+    assert "nope.csv: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "x.md").exists()
+
+
+def test_gain_vs_data_pairs_per_seed_and_draws_the_figure(tmp_path, capsys):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"ratio": 0.6}))
+    runs, ncm = [], []
+    for n in (10, 30):
+        for s in range(3):
+            for m, acc in (("student", 0.60 + 0.01 * s), ("refilled", 0.62 + 0.01 * s + 0.001 * n)):
+                p = tmp_path / f"n{n}" / m / f"seed{s}.json"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text(json.dumps({"data": {"per_class": n}, "split": {"ratio": 0.6}, "method": m, "seed": s,
+                                         "test_acc": acc}))
+                runs.append(p)
+            q = tmp_path / f"ncm_n{n}_s{s}.json"
+            q.write_text(json.dumps({"ncm_acc": 0.7, "per_class": n, "seed": s, "split": str(split)}))
+            ncm.append(q)
+    out, fig = tmp_path / "gain.csv", tmp_path / "gain"
+    argv = ["gain-vs-data", "--summaries", *map(str, runs), "--teacher-ncm", *map(str, ncm), "--out", str(out),
+            "--figure", str(fig)]
+    assert main(argv) == 0
+    rows = {(r["per_class"], r["quantity"]): r for r in csv.DictReader(open(out, encoding="utf-8"))}
+    assert float(rows[("30", "refilled - student")]["mean"]) == pytest.approx(2.0 + 3.0)
+    assert float(rows[("10", "student accuracy")]["mean"]) == pytest.approx(61.0)
+    assert float(rows[("10", "teacher NCM on the student's classes")]["mean"]) == pytest.approx(70.0)
+    assert (tmp_path / "gain.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "gain.pdf").stat().st_size > 0
+    capsys.readouterr()
+    assert main([*argv[:2], *map(str, runs[1:]), *argv[2 + len(runs):]]) == 2   # a student run missing
+    assert "no student run at per_class 10" in capsys.readouterr().err
+
+
+def test_profiles_expand_the_sweep_into_experiments_sharing_the_teacher():
+    cfg = load_profile(ROOT, "claims")
+    g = cfg["gain_vs_data"]
+    for n in g["per_class"]:
+        e = cfg["experiments"][gain_experiment(n)]
+        assert e["per_class"] == n and e["students"] == [g["arch"]] and e["teacher_of"] == g["experiment"]
+        assert e["teacher"] == cfg["experiments"][g["experiment"]]["teacher"]
+    assert len(cfg["seeds"]) >= 5
+
+
+def test_a_sweep_beyond_the_data_pool_is_refused(tmp_path):
+    import shutil
+
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    shutil.copytree(ROOT / "workflow" / "schemas", tmp_path / "workflow" / "schemas")
+    text = (tmp_path / "config" / "smoke.yaml").read_text().replace("per_class: [4, 8]", "per_class: [4, 800]")
+    (tmp_path / "config" / "smoke.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"gain_vs_data.per_class: 800 > train_per_class 16"):
+        load_profile(tmp_path, "smoke")
