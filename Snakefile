@@ -52,6 +52,7 @@ localrules:
     table1,
     table2,
     table4,
+    reproduction,
     lambda_auc,
     figure1,
     figure2,

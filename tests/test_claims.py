@@ -190,3 +190,57 @@ def test_a_sweep_beyond_the_data_pool_is_refused(tmp_path):
     (tmp_path / "config" / "smoke.yaml").write_text(text)
     with pytest.raises(ConfigError, match=r"gain_vs_data.per_class: 800 > train_per_class 16"):
         load_profile(tmp_path, "smoke")
+
+
+# ---- refilled reproduction: our cells beside the supplement's ----
+
+def kendall_brute(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-a by counting concordant and discordant pairs (no ties in these cases)."""
+    pairs = [(i, j) for i in range(len(x)) for j in range(i + 1, len(x))]
+    s = sum(1 if (x[i] - x[j]) * (y[i] - y[j]) > 0 else -1 for i, j in pairs)
+    return s / len(pairs)
+
+
+def test_reproduction_values_on_the_papers_setting(tmp_path):
+    from refilled import supplement
+    from refilled.reproduction import write_reproduction
+
+    paper = supplement.value(2, "0.6", "wrn-40-2", "refilled")     # 80.66
+    rows = [{"ratio": "0.6", "method": m, "arch": "wrn-40-2", "seed": s, "test_acc": v}
+            for m, vals in (("refilled", [80.0, 81.0, 82.0]), ("student", [70.0, 70.5, 71.0])) for s, v in enumerate(vals)]
+    long = write_long(tmp_path / "t2.csv", rows)
+    values, orders = write_reproduction([("2", long, "cifar100", ["wrn-40-2"])], tmp_path / "r.csv", tmp_path / "r.md")
+    assert orders == []
+    got = {v["method"]: v for v in values}
+    half = T975[2] * statistics.stdev([80.0, 81.0, 82.0]) / math.sqrt(3)
+    assert got["refilled"]["ours_minus_paper"] == pytest.approx(81.0 - paper, abs=0.01)
+    assert got["refilled"]["ours_ci_low"] == pytest.approx(81.0 - half, abs=0.01)
+    assert got["refilled"]["paper_in_interval"] == ("yes" if 81.0 - half <= paper <= 81.0 + half else "no")
+    assert got["student"]["paper_in_interval"] == "no"              # 70.5 ± 1.2 against the paper's 78.90
+    assert "inside our 95% interval in 1 of the 2" in (tmp_path / "r.md").read_text(encoding="utf-8")
+
+
+def test_reproduction_orderings_on_another_dataset(tmp_path):
+    from refilled import supplement
+    from refilled.reproduction import write_reproduction
+
+    methods = ["student", "rkd", "aml", "refilled-emb", "refilled-minus", "refilled"]
+    paper = {m: supplement.value(2, "0", "wrn-16-2", m) for m in methods}   # our 2nd student <-> the paper's 2nd
+    ours = {m: 50.0 + i * 3.0 for i, m in enumerate(["aml", "student", "rkd", "refilled", "refilled-emb",
+                                                     "refilled-minus"])}
+    rows = [{"ratio": "0", "method": m, "arch": a, "seed": 0, "test_acc": ours[m] if a == "wrn-10-2" else 60.0 + i}
+            for a in ("wrn-16-1", "wrn-10-2") for i, m in enumerate(methods)]
+    long = write_long(tmp_path / "t2.csv", rows)
+    values, orders = write_reproduction([("2", long, "fashion-mnist", ["wrn-16-1", "wrn-10-2"])], tmp_path / "r.csv",
+                                        tmp_path / "r.md")
+    assert values == []
+    block = next(o for o in orders if o["student"] == "wrn-10-2")
+    assert block["paper_student"] == "wrn-16-2" and block["methods"] == 6
+    assert block["kendall_tau"] == pytest.approx(kendall_brute([ours[m] for m in methods],
+                                                               [paper[m] for m in methods]), abs=1e-3)
+    first = next(o for o in orders if o["student"] == "wrn-16-1")
+    assert first["paper_student"] == "wrn-40-2"
+    assert first["kendall_tau"] == pytest.approx(kendall_brute([60.0 + i for i in range(6)],
+                                                               [supplement.value(2, "0", "wrn-40-2", m) for m in methods]),
+                                                 abs=1e-3)
+    assert list(csv.DictReader(open(tmp_path / "r.csv", encoding="utf-8")))[0]["comparison"] == "ordering"

@@ -42,7 +42,8 @@ from refilled.methods import CATALOG, table_methods  # noqa: E402  (torch-free)
 
 METHODS = table_methods()                     # the rows of Tables 1 and 2, from the catalog
 LABELS = {m: CATALOG[m].label for m in METHODS}
-TABLE_FILES = [f"results/table{t}{s}" for t in (1, 2, 4) for s in (".csv", "_long.csv", ".md")]
+TABLE_FILES = [f"results/table{t}{s}" for t in (1, 2, 4) for s in (".csv", "_long.csv", ".md")] + \
+    ["results/reproduction.csv", "results/reproduction.md"]
 FIGURE_FILES = [f"figures/{n}.{e}" for n in ("figure1_convergence", "figure2_lambda_sweep", "figure3_lambda_hist")
                 for e in ("png", "pdf")]
 
@@ -166,7 +167,8 @@ def test_dry_run_everything_paper_shares_runs_across_tables_and_figures(tmp_path
     counts = job_counts(out.stdout + out.stderr)
     runs = expected_runs(profile("paper"), {"table1", "table2", "table4", "figures"})
     expected = {k: len(v) for k, v in runs.items()}
-    expected.update({r: 1 for r in ("table1", "table2", "table4", "figure1", "figure2", "figure3", "lambda_auc", "all")})
+    expected.update({r: 1 for r in ("table1", "table2", "table4", "reproduction", "figure1", "figure2", "figure3",
+                                    "lambda_auc", "all")})
     assert counts == expected
     # Table 4 adds K-hat 1 and 5 (K-hat inf is Table 1's stage 1); Figure 2 adds lambda != 2;
     # Figure 1 reuses a Table-2 run; Figure 3 adds lambda = 1 at two ratios.
@@ -587,6 +589,24 @@ def test_smoke_lambda_auc_and_figure_inputs(smoke_clone):
         else:
             from sklearn.metrics import roc_auc_score
             assert float(r["auc"]) == pytest.approx(roc_auc_score(seen, [float(x["lambda_i"]) for x in lam]), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_smoke_reproduction_report_orders_our_table_means(smoke_clone):
+    """Fashion-MNIST is not the paper's dataset: the report compares orderings, and each
+    block's order is that of our long CSV's means (one seed: the values themselves)."""
+    repo = smoke_clone["repo"]
+    rows = _read(repo / "results/reproduction.csv")
+    assert rows and {r["comparison"] for r in rows} == {"ordering"}
+    for t in ("1", "2"):
+        acc = {(r["ratio"], r["arch"], r["method"]): float(r["test_acc"]) for r in _read(repo / f"results/table{t}_long.csv")}
+        blocks = [r for r in rows if r["table"] == t]
+        assert len(blocks) == len({(k[0], k[1]) for k in acc})
+        for b in blocks:
+            order = b["ours_order"].split(" > ")
+            values = [acc[(b["ratio"], b["student"], m)] for m in order]
+            assert values == sorted(values, reverse=True) and len(order) == int(b["methods"])
+    assert "Kendall" in (repo / "results/reproduction.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow

@@ -232,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     claims.add_argument("--markdown", required=True, type=Path)
     claims.set_defaults(func=cmd_claims)
 
+    rep = sub.add_parser("reproduction", help="our tables beside the supplement's: values, or the methods' orderings",
+                         description="Same dataset and students as the paper: each cell beside the supplement's value "
+                                     "and whether that value lies inside our 95%% t-interval. Another dataset: Kendall's "
+                                     "tau between our ordering of the methods and the supplement's, per cell block.")
+    rep.add_argument("--table", nargs=4, action="append", required=True,
+                     metavar=("N", "LONG_CSV", "DATASET", "STUDENTS"),
+                     help="table N (1-4), its long CSV, our dataset, our students comma-separated in order; repeatable")
+    rep.add_argument("--out", required=True, type=Path, help="CSV")
+    rep.add_argument("--markdown", required=True, type=Path)
+    rep.set_defaults(func=cmd_reproduction)
+
     gain = sub.add_parser("gain-vs-data", help="gain of each method over the reference against the student's data",
                           description="Per (images per class, overlap ratio): each method's accuracy minus the "
                                       "reference's, paired per seed, the reference's accuracy and the teacher "
@@ -443,6 +454,15 @@ def cmd_claims(args) -> int:
     write_claims(rows, args.out, args.markdown, args.note)
     for claim in sorted({r["claim"] for r in rows}):
         print(f"claim ({claim}): {combine([r['verdict'] for r in rows if r['claim'] == claim])}")
+    return 0
+
+
+def cmd_reproduction(args) -> int:
+    from refilled.reproduction import write_reproduction
+
+    tables = [(n, Path(path), dataset, students.split(",")) for n, path, dataset, students in args.table]
+    values, orders = write_reproduction(tables, args.out, args.markdown)
+    print(f"reproduction: {len(values)} cells beside the paper's values, {len(orders)} orderings compared")
     return 0
 
 

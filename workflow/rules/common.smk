@@ -216,7 +216,15 @@ def table_rule_params(exp):
             "methods": " ".join(table_methods(exp))}
 
 
-TABLES = [f"results/table{t}{suffix}" for t in (1, 2, 4) for suffix in (".csv", "_long.csv", ".md")]
+def reproduction_tables():
+    """(dataset, students comma-separated) of our Tables 1, 2 and 4, for `refilled reproduction`."""
+    t4 = P["table4"]
+    return [(EXPS[e]["dataset"], ",".join(EXPS[e]["students"])) for e in ("table1", "table2")] + \
+        [(EXPS[t4["experiment"]]["dataset"], t4["arch"])]
+
+
+TABLES = [f"results/table{t}{suffix}" for t in (1, 2, 4) for suffix in (".csv", "_long.csv", ".md")] + \
+    ["results/reproduction.csv", "results/reproduction.md"]
 FIGURES = [f"figures/{name}.{ext}" for name in ("figure1_convergence", "figure2_lambda_sweep", "figure3_lambda_hist")
            for ext in ("png", "pdf")]
 

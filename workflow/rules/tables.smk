@@ -65,3 +65,21 @@ rule table4:
     shell:
         "{params.refilled} table --table 4 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
         "--out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
+
+
+rule reproduction:
+    input:
+        tables=[f"results/table{t}_long.csv" for t in (1, 2, 4)],
+    output:
+        csv=report("results/reproduction.csv", caption="../report/reproduction.rst", category="Tables"),
+        md="results/reproduction.md",
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/reproduction.log",
+    params:
+        refilled=REFILLED,
+        tables=lambda wc, input: " ".join(f"--table {n} {t} {d} {s}" for n, t, (d, s) in
+                                          zip((1, 2, 4), input.tables, reproduction_tables())),
+    shell:
+        "{params.refilled} reproduction {params.tables} --out {output.csv} --markdown {output.md} > {log} 2>&1"
