@@ -296,3 +296,56 @@ def test_reference_scores_the_plain_student_and_the_teacher(tiny_runs):
     acc_new = (pred == y)[~is_old].float().mean().item()
     assert s["joint"]["acc_old"] == pytest.approx(acc_old) and s["joint"]["acc_new"] == pytest.approx(acc_new)
     assert s["joint"]["test"]["per_class"] == 6
+
+
+# ---- Table H from summaries -----------------------------------------------------------------------
+
+
+def _joint_summary(root, ratio, method, seed, acc_old, acc_new, arch="wrn-10-1"):
+    run = "reference" if method == "reference" else f"{method}-joint"
+    path = root / "students" / "table2" / f"r{ratio:g}" / arch / f"seed{seed}" / run / "summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h = acc_new if acc_old is None else 2 * acc_old * acc_new / (acc_old + acc_new)
+    path.write_text(json.dumps({"method": method, "arch": arch, "seed": seed, "split": {"ratio": ratio},
+                                "joint": {"acc_old": acc_old, "acc_new": acc_new, "H": h,
+                                          "test": {"seed": seed, "per_class": 10}}}))
+    return path
+
+
+def test_table_h_cells_are_means_over_seeds_and_gaps_are_refused(tmp_path):
+    values = {(0.4, 0): (0.5, 0.9), (0.4, 1): (0.7, 0.7), (1.0, 0): (None, 0.8), (1.0, 1): (None, 0.6)}
+    paths = [_joint_summary(tmp_path, r, m, s, *v) for (r, s), v in values.items()
+             for m in ("student", "refilled", "reference")]
+    out = tmp_path / "h.csv"
+    args = ["table", "--table", "h", "--grid", "table2", "0.4,1", "wrn-10-1", "--methods", "student", "refilled",
+            "--out", out, "--long", tmp_path / "h_long.csv", "--markdown", tmp_path / "h.md"]
+    rc, _, err = cli([*args[:3], "--summaries", *paths, *args[3:]])
+    assert rc == 0, err
+    import csv
+
+    wide = list(csv.DictReader(open(out, encoding="utf-8")))
+    assert [(w["ratio"], w["method"]) for w in wide] == [
+        ("0.4", "Student + joint head"), ("0.4", "REFILLED + joint head"),
+        ("0.4", "Reference (teacher ⊕ student heads, no training)"),
+        ("1", "Student + joint head"), ("1", "REFILLED + joint head"),
+        ("1", "Reference (teacher ⊕ student heads, no training)")]
+    # r = .4: Acc_C' 50, 70 -> 60.00 ± 14.14; Acc_C 90, 70 -> 80.00 ± 14.14;
+    # H 2·.5·.9/1.4 = 64.2857, 70 -> 67.14 ± 4.04 (sample std: |70 - 64.2857| / sqrt 2)
+    assert wide[0]["wrn-10-1"] == "60.00 ± 14.14 / 80.00 ± 14.14 / 67.14 ± 4.04"
+    assert wide[3]["wrn-10-1"] == "— / 70.00 ± 14.14 / 70.00 ± 14.14"        # r = 1: H is Acc_C
+    md = (tmp_path / "h.md").read_text()
+    assert "H is the plain accuracy" in md and md.count("overlap ratio =") == 2
+    long = list(csv.DictReader(open(tmp_path / "h_long.csv", encoding="utf-8")))
+    assert len(long) == 12 and {r["acc_old"] for r in long if r["ratio"] == "1"} == {""}
+    # a missing cell (one seed's reference gone), a duplicate, a plain run: refused, exit 2, nothing written
+    for bad, words in ((paths[:-1], "lack some"), (paths + paths[:1], "a second run"),
+                       (paths, "not a joint-head run")):
+        if words == "not a joint-head run":
+            plain = tmp_path / "students" / "table2" / "r0.4" / "wrn-10-1" / "seed0" / "student" / "summary.json"
+            plain.parent.mkdir(parents=True)
+            plain.write_text(json.dumps({"method": "student", "arch": "wrn-10-1", "seed": 0,
+                                         "split": {"ratio": 0.4}, "test_acc": 0.9}))
+            bad = paths + [plain]
+        out.unlink(missing_ok=True)
+        rc, _, err = cli([*args[:3], "--summaries", *bad, *args[3:]])
+        assert rc == 2 and words in err and not out.exists(), err
