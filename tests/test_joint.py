@@ -349,3 +349,10 @@ def test_table_h_cells_are_means_over_seeds_and_gaps_are_refused(tmp_path):
         out.unlink(missing_ok=True)
         rc, _, err = cli([*args[:3], "--summaries", *bad, *args[3:]])
         assert rc == 2 and words in err and not out.exists(), err
+
+
+def test_an_embedding_only_method_gets_no_joint_head(tiny_runs):
+    root, common = tiny_runs
+    rc, _, err = cli(["train", "--method", "stage1", "--split", root / "s.json", *common, "--teacher",
+                      root / "t" / "model.pt", "--joint-head", "1", "--out", root / "s1joint"])
+    assert rc == 2 and "trains no head over C" in err and not (root / "s1joint").exists()

@@ -251,6 +251,9 @@ def train(spec: RunSpec, method_name: str, teacher_path: Path | None = None, ini
         raise ValueError(f"method {method_name} uses no teacher; drop --teacher (or add --joint-head)")
     if joint is not None and task != "student":
         raise ValueError("a joint head belongs to a student run (--task student)")
+    if joint is not None and entry.scored_by != "test_acc":
+        raise ValueError(f"method {method_name} trains no head over C (scored by {entry.scored_by}); the joint "
+                         "head joins one: add it to a run of a method scored by test_acc")
     if entry.starts_from and init_path is None:
         raise ValueError(f"method {method_name} starts from a {entry.starts_from} run: give --init (its model.pt)")
     if not entry.starts_from and init_path is not None:

@@ -303,10 +303,10 @@ def write_table_h(summaries: list[Path], grid: list[tuple[str, list[float], list
     long_fields = ["experiment", "ratio", "method", "arch", "seed", "acc_old", "acc_new", "H", "test_per_class",
                    "test_seed", "summary"]
     order = list(grid_k)
-    long_rows = sorted(({k: ("" if rec[k] is None else rec[k]) if k != "method" else rec["row"] for k in long_fields}
-                        for rec in records),
-                       key=lambda x: (order.index(x["experiment"]), grid_k[x["experiment"]][0].index(x["ratio"]),
-                                      rows.index(x["method"]), grid_k[x["experiment"]][1].index(x["arch"]), x["seed"]))
+    records.sort(key=lambda x: (order.index(x["experiment"]), grid_k[x["experiment"]][0].index(x["ratio"]),
+                                rows.index(x["row"]), grid_k[x["experiment"]][1].index(x["arch"]), x["seed"]))
+    long_rows = [{**{k: rec[k] for k in long_fields if k != "method"}, "method": rec["row"],
+                  "acc_old": "" if rec["acc_old"] is None else rec["acc_old"]} for rec in records]
     write_csv(out, wide, ["experiment", "ratio", "method", *archs_all])
     write_csv(long_out, long_rows, long_fields)
     atomic_write_text(md_out, "\n".join(md) + "\n")
