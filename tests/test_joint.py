@@ -356,3 +356,12 @@ def test_an_embedding_only_method_gets_no_joint_head(tiny_runs):
     rc, _, err = cli(["train", "--method", "stage1", "--split", root / "s.json", *common, "--teacher",
                       root / "t" / "model.pt", "--joint-head", "1", "--out", root / "s1joint"])
     assert rc == 2 and "trains no head over C" in err and not (root / "s1joint").exists()
+
+
+def test_lwf_term_is_zero_with_a_single_old_class():
+    # the documented limitation (README, Table H): a softmax over one class is 1, so the KL is 0
+    # whatever the logits, and the old head of a run with |C' \ C| = 1 gets no signal
+    s = torch.randn(5, 1, requires_grad=True)
+    loss = lwf_loss(s, torch.randn(5, 1) * 10)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(s.grad) == 0

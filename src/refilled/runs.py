@@ -16,9 +16,9 @@ from refilled import __version__
 from refilled import finished as finished_mod
 from refilled.checkpoints import load_model, save_model
 from refilled.data import load_dataset
-from refilled.data.batches import Batches, task_split, train_val_split
+from refilled.data.batches import Batches, balanced_split, task_split, train_val_split
 from refilled.data.splits import SplitError, check_split
-from refilled.evaluate import accuracy, forward_all, ncm_accuracy
+from refilled.evaluate import accuracy, forward_all, harmonic_mean, joint_accuracy, ncm_accuracy, reference_scores
 from refilled.io import CheckpointError, read_json, save_tensors, write_json
 from refilled.methods import catalog
 from refilled.models import build_model
@@ -139,12 +139,8 @@ class Context:
         """Acc_C', Acc_C and H on the balanced test set of C' ∪ C (seeded by the run's seed):
         the joint head's [old_logits(embedding), student logits] or, given `teacher`, the
         training-free reference [softmax teacher over C', softmax student over C]."""
-        from refilled.data.batches import balanced_split
-        from refilled.evaluate import harmonic_mean, joint_accuracy, reference_scores
-
         old = self.old_classes()
-        split, record = balanced_split(self.dataset.test, old, self.classes, per_class,
-                                       self.spec.seed)
+        split, record = balanced_split(self.dataset.test, old, self.classes, per_class, self.spec.seed)
         batches = Batches(split, self.dataset, 512, False, self.device, num_workers=self.spec.num_workers)
         logits, emb, joint_y = forward_all(student, batches, self.device)
         labels = torch.tensor(old + self.classes)[joint_y]
