@@ -365,3 +365,45 @@ def test_lwf_term_is_zero_with_a_single_old_class():
     loss = lwf_loss(s, torch.randn(5, 1) * 10)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(s.grad) == 0
+
+
+@pytest.mark.parametrize("name", ["student", "refilled"])
+def test_a_killed_joint_run_resumes_to_the_same_weights(name, tmp_path, monkeypatch):
+    """Two epochs straight against one epoch, a 'kill' and the same call again: the joint head's
+    weights are in the resume checkpoint with the rest, and the resumed run ends bit-identical."""
+    import refilled.train as train_mod
+    from refilled.train import OptimConfig, fit
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 16, 16, generator=g), torch.arange(4).repeat(2)) for _ in range(3)]
+
+    class Data(list):
+        def set_epoch(self, epoch):
+            pass
+
+    cfg = OptimConfig(epochs=2, batch_size=8, lr=0.05)
+
+    def run(run_dir):
+        inner = build_case(name, prepare_batches=data[:1], seed=1)
+        teacher = inner.teacher if inner.teacher is not None else build_case("rkd", seed=2).teacher
+        method = JointHead(inner, teacher, [4, 5], weight=1.0, T=2.0, seed=1)
+        fit(method, Data(data), lambda: {}, cfg, run_dir, CPU, 1, graph="off")
+        return {k: v.clone() for k, v in method.state_dict().items()}
+
+    straight = run(tmp_path / "straight")
+    real, calls = train_mod._train_epoch, {"n": 0}
+
+    def dies_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "_train_epoch", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(train_mod, "_train_epoch", real)
+    resumed = run(tmp_path / "resumed")
+    assert any(k.startswith("old_head.") for k in straight) and straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
