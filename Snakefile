@@ -24,6 +24,7 @@ wildcard_constraints:
     order="seeded|authors",
     method="|".join(re.escape(m) for m in sorted(CATALOG, key=len, reverse=True)),
     tag=r"(_[a-z]+[A-Za-z0-9.]*)*",
+    joint=r"(-joint)?",
 
 
 report: "workflow/report/workflow.rst"
@@ -53,6 +54,7 @@ localrules:
     table2,
     table4,
     reproduction,
+    table_h,
     lambda_auc,
     figure1,
     figure2,
@@ -85,7 +87,7 @@ rule teachers:
 rule students:
     input:
         sorted(set(summaries([d for e in EXPS for d in table_runs(e)] + table4_runs() + figure1_runs()
-                             + figure2_runs() + figure3_runs()))),
+                             + figure2_runs() + figure3_runs() + table_h_runs()))),
 
 
 rule tables:

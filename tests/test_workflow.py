@@ -42,7 +42,7 @@ from refilled.methods import CATALOG, table_methods  # noqa: E402  (torch-free)
 
 METHODS = table_methods()                     # the rows of Tables 1 and 2, from the catalog
 LABELS = {m: CATALOG[m].label for m in METHODS}
-TABLE_FILES = [f"results/table{t}{s}" for t in (1, 2, 4) for s in (".csv", "_long.csv", ".md")] + \
+TABLE_FILES = [f"results/table{t}{s}" for t in (1, 2, 4, "_h") for s in (".csv", "_long.csv", ".md")] + \
     ["results/reproduction.csv", "results/reproduction.md"]
 FIGURE_FILES = [f"figures/{n}.{e}" for n in ("figure1_convergence", "figure2_lambda_sweep", "figure3_lambda_hist")
                 for e in ("png", "pdf")]
@@ -86,7 +86,7 @@ def g(x) -> str:
 
 
 def expected_runs(cfg: dict, targets: set[str]) -> dict[str, set]:
-    """Distinct runs per rule that the targets ("table1", "table2", "table4", "figures") need."""
+    """Distinct runs per rule that the targets ("table1", "table2", "table4", "figures", "table_h") need."""
     seeds, lam, khat = cfg["seeds"], float(cfg["lam"]), str(cfg["k_hat"])
     ex = cfg["experiments"]
     runs = {k: set() for k in ("teacher", "train", "split", "prepare_data")}   # train: every student run
@@ -101,9 +101,9 @@ def expected_runs(cfg: dict, targets: set[str]) -> dict[str, set]:
         student_task(e, r, a, s)
         runs["train"].add(("stage1", e, g(r), a, s, str(k)))
 
-    def stage2(e, r, a, s, v, l=lam):
+    def stage2(e, r, a, s, v, l=lam, joint=""):
         stage1(e, r, a, s)
-        runs["train"].add((v, e, g(r), a, s, g(l)))
+        runs["train"].add((v + joint, e, g(r), a, s, g(l)))
 
     for t in ("table1", "table2"):
         if t in targets:
@@ -122,6 +122,21 @@ def expected_runs(cfg: dict, targets: set[str]) -> dict[str, set]:
             for k in t4["k_hats"]:
                 for s in seeds:
                     stage1(t4["experiment"], r, t4["arch"], s, k)
+    if "table_h" in targets:   # joint-head runs of the table_h methods, and a reference beside each plain student
+        th = cfg["table_h"]
+        runs["joint_reference"] = set()
+        for t in th["experiments"]:
+            for r in th["ratios"] or ex[t]["ratios"]:
+                for a in th["students"] or ex[t]["students"]:
+                    for s in seeds:
+                        student_task(t, r, a, s)
+                        runs["train"].add(("student", t, g(r), a, s))          # the reference's plain student
+                        runs["joint_reference"].add((t, g(r), a, s))
+                        for m in th["methods"]:
+                            if CATALOG[m].starts_from == "stage1":
+                                stage2(t, r, a, s, m, joint="-joint")
+                            else:
+                                runs["train"].add((m + "-joint", t, g(r), a, s))
     if "figures" in targets:
         f1, f2, f3 = cfg["figure1"], cfg["figure2"], cfg["figure3"]
         stage2(f1["experiment"], f1["ratio"], f1["arch"], f1["seed"], "refilled")
@@ -165,17 +180,21 @@ def test_dry_run_table2_paper_has_exactly_the_grid(tmp_path):
 def test_dry_run_everything_paper_shares_runs_across_tables_and_figures(tmp_path):
     out = snakemake(["all", "-n", "--quiet", "rules", "--config", "profile=paper"], workdir=tmp_path)
     counts = job_counts(out.stdout + out.stderr)
-    runs = expected_runs(profile("paper"), {"table1", "table2", "table4", "figures"})
+    runs = expected_runs(profile("paper"), {"table1", "table2", "table4", "figures", "table_h"})
     expected = {k: len(v) for k, v in runs.items()}
-    expected.update({r: 1 for r in ("table1", "table2", "table4", "reproduction", "figure1", "figure2", "figure3",
-                                    "lambda_auc", "all")})
+    expected.update({r: 1 for r in ("table1", "table2", "table4", "table_h", "reproduction", "figure1", "figure2",
+                                    "figure3", "lambda_auc", "all")})
     assert counts == expected
     # Table 4 adds K-hat 1 and 5 (K-hat inf is Table 1's stage 1); Figure 2 adds lambda != 2;
-    # Figure 1 reuses a Table-2 run; Figure 3 adds lambda = 1 at two ratios.
-    stage1 = (5 + 6) * 4 * 3 + 2 * 2 * 3
-    stage2 = (5 + 6) * 4 * 3 * 3 + 4 * 4 * 3 + 2 * 3
-    baselines = (5 + 6) * 4 * 3 * 3
-    assert counts["train"] == stage1 + stage2 + baselines
+    # Figure 1 reuses a Table-2 run; Figure 3 adds lambda = 1 at two ratios; Table H adds a
+    # joint-head Student, REFILLED- and REFILLED run per cell of Tables 1 and 2 (their stage 1
+    # is the plain one) and a reference per cell (from the plain Student run: no training).
+    cells = (5 + 6) * 4 * 3
+    stage1 = cells + 2 * 2 * 3
+    stage2 = cells * 3 + 4 * 4 * 3 + 2 * 3
+    baselines = cells * 3
+    assert counts["train"] == stage1 + stage2 + baselines + 3 * cells
+    assert counts["joint_reference"] == cells
 
 
 def test_training_rules_declare_one_gpu(tmp_path):
@@ -232,6 +251,10 @@ BAD = {
     "unknown architecture": (lambda c: c["experiments"]["table1"].update(students=["resnet-18"]),
                              ["experiments.table1.students[0]", "resnet-18"]),
     "missing key": (lambda c: c.pop("lam"), ["'lam' is a required property"]),
+    "table_h ratio invalid for its experiment": (lambda c: c["table_h"].update(ratios=[0.3]),
+                                                 ["table_h.ratios", "ratio 0.3", "table2"]),
+    "table_h row without a head over C": (lambda c: c["table_h"].update(methods=["stage1"]),
+                                          ["table_h.methods", "stage1", "ncm_acc"]),
 }
 
 
@@ -573,6 +596,57 @@ def test_smoke_table4_shape_and_cells_trace_to_stage1_summaries(smoke_clone):
 
 
 @pytest.mark.slow
+def test_smoke_table_h_shape_and_every_cell_traces_to_summaries(smoke_clone):
+    repo = smoke_clone["repo"]
+    cfg = profile("smoke")
+    th = cfg["table_h"]
+    (exp,) = th["experiments"]
+    ratios, archs = th["ratios"] or cfg["experiments"][exp]["ratios"], th["students"]
+    assert 1 in ratios                        # the smoke grid covers r = 1 (no old classes)
+    rows = [*th["methods"], "reference"]
+    long = _read(repo / "results/table_h_long.csv")
+    assert [(r["ratio"], r["method"], r["arch"]) for r in long] == \
+        [(g(r), m, a) for r in ratios for m in rows for a in archs for _ in cfg["seeds"]]
+    for row in long:                          # each long row is its summary.json: a joint-head run or a reference
+        s = json.loads((repo / row["summary"]).read_text())
+        run = row["summary"].split("/")[-2]
+        assert row["summary"].startswith(f"results/runs/smoke/students/{exp}/r{row['ratio']}/{row['arch']}/seed")
+        if row["method"] == "reference":
+            assert run == "reference" and s["method"] == "reference"
+            assert s["params"]["student"].endswith(f"/seed{row['seed']}/student/model.pt")   # the plain run
+        else:
+            assert run.startswith(row["method"]) and run.endswith("-joint") and s["method"] == row["method"]
+            assert s["fingerprint"]["optim"]["extra"]["joint"] == \
+                {"weight": th["weight"], "T": th["T"], "test_per_class": th["test_per_class"]}
+        j = s["joint"]
+        assert j["test"]["seed"] == s["seed"] and len(set(j["test"]["counts"].values())) == 1   # balanced
+        a, n = j["acc_old"], j["acc_new"]
+        h = n if a is None else (0.0 if a + n == 0 else 2 * a * n / (a + n))
+        assert float(row["H"]) == pytest.approx(100 * h) and float(row["acc_new"]) == pytest.approx(100 * n)
+        if row["ratio"] == "1":               # no old classes: no Acc_C', H = Acc_C
+            assert a is None and row["acc_old"] == "" and j["old_classes"] == []
+        else:
+            assert float(row["acc_old"]) == pytest.approx(100 * a)
+    wide = _read(repo / "results/table_h.csv")
+    assert list(wide[0]) == ["experiment", "ratio", "method", *archs]
+    assert [(w["ratio"], w["method"]) for w in wide] == \
+        [(g(r), "Reference (teacher ⊕ student heads, no training)" if m == "reference"
+          else f"{CATALOG[m].label} + joint head") for r in ratios for m in rows]
+    for w, (r, m) in zip(wide, [(r, m) for r in ratios for m in rows]):
+        for arch in archs:
+            recs = [x for x in long if (x["ratio"], x["method"], x["arch"]) == (g(r), m, arch)]
+            assert len(recs) == len(cfg["seeds"])
+            for text, key in zip(w[arch].split(" / "), ("acc_old", "acc_new", "H")):
+                if key == "acc_old" and r == 1:
+                    assert text == "—"
+                    continue
+                mean = statistics.fmean(100 * json.loads((repo / x["summary"]).read_text())["joint"][key] for x in recs)
+                assert float(text.split(" ± ")[0]) == pytest.approx(mean, abs=0.005)
+    md = (repo / "results/table_h.md").read_text()
+    assert md.count("overlap ratio =") == len(ratios) and "H is the plain accuracy" in md
+
+
+@pytest.mark.slow
 def test_smoke_lambda_auc_and_figure_inputs(smoke_clone):
     repo = smoke_clone["repo"]
     f3 = profile("smoke")["figure3"]
@@ -654,7 +728,7 @@ def test_smoke_report_is_one_page_with_every_table_and_figure(smoke_clone):
     snakemake(["all", "--report", "report.html"], snakefile=repo / "Snakefile", workdir=repo, timeout=600)
     html = (repo / "report.html").read_text(errors="replace")
     assert len(html) > 100_000
-    for name in ("table1.csv", "table2.csv", "table4.csv", "lambda_auc.csv", "figure1_convergence.png",
+    for name in ("table1.csv", "table2.csv", "table4.csv", "table_h.csv", "lambda_auc.csv", "figure1_convergence.png",
                  "figure2_lambda_sweep.png", "figure3_lambda_hist.png"):
         assert name in html, name
     assert "Histograms of the adaptive weight" in html and "Quality of the student" in html   # captions

@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a hyper-parameter of the method (repeatable), checked against its declaration")
     train.add_argument("--task", choices=("student", "teacher"), default="student",
                        help="the split's classes to learn (teacher: how a teacher is trained, with method student)")
+    _add_joint_args(train)
     train.set_defaults(func=cmd_train)
 
     # Thin aliases of `train`, kept for the commands of earlier versions; which methods each
@@ -130,6 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(method=names[0])
         _add_hparam_flags(p, names)
         p.set_defaults(func=cmd_train, task="student", sets=[])
+
+    ref = sub.add_parser("joint-reference", help="Table H's training-free reference: teacher head ⊕ student head",
+                         description="Score the training-free joint model of a plain student run on the balanced test "
+                                     "set of C' ∪ C (seeded by --seed): the teacher's head over C' and the student's "
+                                     "head over C, each softmaxed, concatenated (shared classes from the student). "
+                                     "Writes OUT/summary.json with acc_old, acc_new and H.")
+    ref.add_argument("--split", required=True, type=Path)
+    ref.add_argument("--teacher", required=True, type=Path, help="model.pt of the teacher run")
+    ref.add_argument("--student", required=True, type=Path, help="model.pt of the plain student run")
+    ref.add_argument("--seed", type=int, default=0, help="seed of the balanced test set (the student run's seed)")
+    ref.add_argument("--joint-test-per-class", type=_optional_int, default=None, metavar="N",
+                     help="test images per class of C' \\ C and of C (default: as many as the rarest class has)")
+    _add_data_args(ref)
+    ref.add_argument("--device", default="auto")
+    ref.add_argument("--profile", default="manual", help="profile name recorded in summary.json")
+    ref.add_argument("--out", required=True, type=Path, help="directory of the reference's summary.json")
+    ref.set_defaults(func=cmd_joint_reference)
 
     methods = sub.add_parser("methods", help="list the catalog: methods, their hyper-parameters and defaults",
                              description="The catalog (src/refilled/methods/catalog.py) as a Markdown table; "
@@ -186,13 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(%%) over seeds. Table 4: overlap ratios as rows, K-hat as columns, NCM accuracy "
                                        "after stage 1. Every number is read from the summary.json files given; a "
                                        "missing or duplicated cell is an error.")
-    table.add_argument("--table", required=True, choices=("1", "2", "4"))
+    table.add_argument("--table", required=True, choices=("1", "2", "4", "h"),
+                       help="h: Table H, Acc_C' / Acc_C / H of the joint-head runs and the reference (its grid "
+                            "is per experiment: --grid instead of --ratios and --columns)")
     table.add_argument("--summaries", required=True, nargs="+", type=Path, help="summary.json of every run in the table")
-    table.add_argument("--ratios", required=True, nargs="+", type=float, help="row blocks, in order")
-    table.add_argument("--columns", required=True, nargs="+",
+    table.add_argument("--ratios", nargs="+", type=float, help="row blocks, in order (Tables 1, 2, 4)")
+    table.add_argument("--columns", nargs="+",
                        help="Tables 1/2: student architectures; Table 4: K-hat values (1, 5, inf), in order")
     table.add_argument("--methods", nargs="+", default=None, help="Tables 1/2: methods (rows), in order (default: all six)")
     table.add_argument("--lam", type=float, default=None, help="Tables 1/2: the lambda of the REFILLED rows (check)")
+    table.add_argument("--grid", nargs=3, action="append", default=None, metavar=("EXP", "RATIOS", "ARCHS"),
+                       help="Table H, once per experiment: its name (the run paths' students/EXP/), its ratios and "
+                            "its students, comma-separated")
     table.add_argument("--out", required=True, type=Path, help="wide CSV (the supplement's shape)")
     table.add_argument("--long", required=True, type=Path, help="long CSV: one row per run")
     table.add_argument("--markdown", required=True, type=Path)
@@ -302,6 +325,24 @@ def cmd_split(args) -> int:
     return 0
 
 
+def _add_joint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--joint-head", type=float, default=None, metavar="WEIGHT",
+                   help="add the joint head over C' \\ C (Table H; needs --teacher) with this weight on its "
+                        "LwF term (default: no joint head)")
+    p.add_argument("--joint-T", type=float, default=2.0, metavar="T", help="temperature of the LwF term (default 2)")
+    p.add_argument("--joint-test-per-class", type=_optional_int, default=None, metavar="N",
+                   help="balanced test set: images per class of C' \\ C and of C (default: as many as the rarest "
+                        "class has)")
+
+
+def _joint_spec(args):
+    from refilled.runs import JointSpec
+
+    if getattr(args, "joint_head", None) is None:
+        return None
+    return JointSpec(weight=args.joint_head, T=args.joint_T, test_per_class=args.joint_test_per_class)
+
+
 def _add_hparam_flags(p: argparse.ArgumentParser, methods: list[str]) -> None:
     """--<key> flags for the settable hyper-parameters of `methods` (an alias's flags)."""
     from refilled.methods import CATALOG
@@ -339,10 +380,28 @@ def cmd_train(args) -> int:
                    batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                    schedule=args.schedule or entry.schedule, device=args.device, num_workers=args.num_workers,
                    eval_every=args.eval_every, profile=args.profile, dropout=args.dropout,
-                   milestones=tuple(args.milestones) if args.milestones else None, val_per_class=args.val_per_class)
+                   milestones=tuple(args.milestones) if args.milestones else None, val_per_class=args.val_per_class,
+                   joint=_joint_spec(args))
     summary = train(spec, args.method, args.teacher, args.init, overrides, task=args.task)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.endswith("_acc"))
-    print(f"{summary['method']} ({summary['task']} task) {summary['arch']} seed {summary['seed']}: {scores}")
+    print(f"{summary['method']} ({summary['task']} task) {summary['arch']} seed {summary['seed']}: {scores}"
+          + (f"; {_joint_text(summary['joint'])}" if "joint" in summary else ""))
+    return 0
+
+
+def _joint_text(j: dict) -> str:
+    old = "—" if j["acc_old"] is None else f"{j['acc_old']:.4f}"
+    return f"joint Acc_C' {old}, Acc_C {j['acc_new']:.4f}, H {j['H']:.4f}"
+
+
+def cmd_joint_reference(args) -> int:
+    from refilled.runs import JointSpec, RunSpec, joint_reference
+
+    spec = RunSpec(split=args.split, arch="", out=args.out, epochs=1, seed=args.seed, data_root=Path(args.data_root),
+                   verify_checksums=not args.no_checksum, device=args.device, profile=args.profile,
+                   per_class=args.per_class, joint=JointSpec(test_per_class=args.joint_test_per_class))
+    summary = joint_reference(spec, args.teacher, args.student)
+    print(f"reference {summary['arch']} seed {summary['seed']}: {_joint_text(summary['joint'])}")
     return 0
 
 
@@ -417,8 +476,17 @@ def _cmd_pin(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from refilled.tables import write_table
+    from refilled.tables import write_table, write_table_h
 
+    if args.table == "h":
+        if not args.grid or args.ratios or args.columns:
+            raise ValueError("table h: give --grid EXP RATIOS ARCHS per experiment (not --ratios / --columns)")
+        grid = [(exp, [float(r) for r in ratios.split(",")], archs.split(",")) for exp, ratios, archs in args.grid]
+        path = write_table_h(args.summaries, grid, args.methods, args.out, args.long, args.markdown)
+        print(f"table h: {path}")
+        return 0
+    if args.grid or not args.ratios or not args.columns:
+        raise ValueError(f"table {args.table}: give --ratios and --columns (--grid is Table H's)")
     path = write_table(args.table, args.summaries, args.ratios, args.columns, args.methods, args.lam,
                        args.out, args.long, args.markdown)
     print(f"table {args.table}: {path}")

@@ -182,6 +182,18 @@ def check_semantics(cfg: dict, source: str) -> None:
     method_has("figure1", f1["method"], "starts_from", "Figure 1 plots a run beside the one it starts from")
     method_has("figure2", f2["method"], "lam", "Figure 2 sweeps lam")
     method_has("figure3", f3["method"], "lam", "Figure 3 plots lambda_i")
+    th = cfg["table_h"]
+    for name in th["experiments"]:
+        need("table_h.ratios", name, th["ratios"] or ())
+    for i, a in enumerate(th["students"] or ()):
+        if not arch_ok(a):
+            problems.append(f"table_h.students[{i}]: unknown architecture {a!r}")
+    for m in th["methods"]:
+        entry = CATALOG.get(m)
+        if entry is None:
+            problems.append(f"table_h.methods: unknown method {m!r}; the catalog has: {', '.join(CATALOG)}")
+        elif entry.scored_by != "test_acc":
+            problems.append(f"table_h.methods: {m} is scored by {entry.scored_by}, it has no head over C to join")
     for name in (cfg.get("methods") or {}):
         try:
             method_values(cfg, name)

@@ -536,3 +536,31 @@ def aml_loss(
         same = labels[:, None] == labels[None, :]
         per_pair = torch.where(same, d.pow(2), F.relu(margin - d).pow(2))
         return per_pair.mean()
+
+
+# --------------------------------------------------------------------------------------
+# Learning without forgetting (Li & Hoiem 2016): the joint head's old-class term
+# --------------------------------------------------------------------------------------
+
+
+def lwf_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 2.0) -> torch.Tensor:
+    """``T² · mean_i KL(softmax(t_i / T) ‖ softmax(s_i / T))`` over the old classes.
+
+    ``student_logits`` ``[B, K]``: the joint head's old-class head on the student's
+    embedding; ``teacher_logits`` ``[B, K]``: the teacher's own head restricted to the same
+    K classes (C' \\ C), detached here. T = 2 is LwF's temperature. The T² factor is
+    Hinton's gradient-scale correction (our choice [D]: LwF's paper gives the tempered
+    cross-entropy without it): it keeps the term's gradients on the scale of the CE term
+    whatever T is, so `weight` means the same at any T. Computed in fp32."""
+    _check_2d("student_logits", student_logits)
+    _check_2d("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    if T <= 0:
+        raise ValueError(f"T must be positive, got {T}")
+    with _fp32(student_logits.device):
+        logp_t = torch.log_softmax(teacher_logits.detach().float() / T, dim=1)
+        logp_s = torch.log_softmax(student_logits.float() / T, dim=1)
+        kl = (logp_t.exp() * (logp_t - logp_s)).sum(dim=1)
+        return T**2 * kl.mean()

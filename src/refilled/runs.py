@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,13 +16,16 @@ from refilled import __version__
 from refilled import finished as finished_mod
 from refilled.checkpoints import load_model, save_model
 from refilled.data import load_dataset
-from refilled.data.batches import Batches, task_split, train_val_split
+from refilled.data.batches import Batches, balanced_split, task_split, train_val_split
 from refilled.data.splits import SplitError, check_split
-from refilled.evaluate import accuracy, forward_all, ncm_accuracy
-from refilled.io import CheckpointError, read_json, write_json
+from refilled.evaluate import accuracy, forward_all, harmonic_mean, joint_accuracy, ncm_accuracy, reference_scores
+from refilled.io import CheckpointError, read_json, save_tensors, write_json
 from refilled.methods import catalog
 from refilled.models import build_model
 from refilled.train import RESUME_FILE, RUN_FORMAT, OptimConfig, fit, resolve_device, run_fingerprint, set_cpu_threads
+
+
+JOINT_HEAD_FILE = "old_head.pt"   # the joint head's old-class Linear (weight, bias), beside model.pt
 
 
 @dataclass
@@ -48,6 +51,26 @@ class RunSpec:
     dropout: float = 0.0          # WRN dropout between the two convolutions of every block (authors: 0.3)
     milestones: tuple | None = None   # multistep: fractions of the epochs (None: OptimConfig's 0.5, 0.7, 0.9)
     val_per_class: int | None = None  # held-out training images per class that select an epoch (reported beside the final)
+    joint: "JointSpec | None" = None  # a second head over the teacher's other classes (Table H); None: a plain run
+
+
+@dataclass(frozen=True)
+class JointSpec:
+    """The joint head of a run (`refilled.methods.joint`): the `old` term's weight and
+    temperature, and the balanced test set's images per class (None: as many as the rarest
+    class of C' ∪ C has). All three enter the run's fingerprint."""
+
+    weight: float = 1.0
+    T: float = 2.0
+    test_per_class: int | None = None
+
+    def __post_init__(self):
+        if not self.weight > 0:
+            raise ValueError(f"joint head: weight must be > 0, got {self.weight}")
+        if not self.T > 0:
+            raise ValueError(f"joint head: T must be > 0, got {self.T}")
+        if self.test_per_class is not None and self.test_per_class < 1:
+            raise ValueError(f"joint head: test_per_class must be >= 1, got {self.test_per_class}")
 
 
 def read_split(path: Path) -> dict:
@@ -108,6 +131,30 @@ class Context:
             out = {"val_ncm_acc": ncm_accuracy(tr_emb, tr_y, va_emb, va_y, len(self.classes)), **out}
         return out
 
+    def old_classes(self) -> list[int]:
+        """C' \\ C: the teacher's classes the student does not have, in the teacher's order."""
+        return [c for c in self.split["teacher_classes"] if c not in self.classes]
+
+    def joint_eval(self, student, per_class: int | None, old_logits=None, teacher=None) -> dict:
+        """Acc_C', Acc_C and H on the balanced test set of C' ∪ C (seeded by the run's seed):
+        the joint head's [old_logits(embedding), student logits] or, given `teacher`, the
+        training-free reference [softmax teacher over C', softmax student over C]."""
+        old = self.old_classes()
+        split, record = balanced_split(self.dataset.test, old, self.classes, per_class, self.spec.seed)
+        batches = Batches(split, self.dataset, 512, False, self.device, num_workers=self.spec.num_workers)
+        logits, emb, joint_y = forward_all(student, batches, self.device)
+        labels = torch.tensor(old + self.classes)[joint_y]
+        if teacher is None:
+            with torch.no_grad():
+                old_scores, new_scores = old_logits(emb.to(self.device)).float().cpu(), logits
+            old_cols = old
+        else:
+            t_logits, _, _ = forward_all(teacher, batches, self.device)
+            old_scores, new_scores = reference_scores(t_logits, logits)
+            old_cols = self.split["teacher_classes"]
+        acc_old, acc_new = joint_accuracy(old_scores, new_scores, labels, old_cols, self.classes)
+        return {"acc_old": acc_old, "acc_new": acc_new, "H": harmonic_mean(acc_old, acc_new), "test": record}
+
     def val_selected(self) -> dict:
         """The epoch with the best validation score (the first of ties) and its test score, from
         metrics.csv; the reported number stays the final epoch's."""
@@ -134,7 +181,8 @@ class Context:
                           **({"milestones": tuple(spec.milestones)} if spec.milestones else {}),
                           extra={"method": method_name, "task": self.task, "arch": spec.arch, "split": self.split,
                                  "per_class": spec.per_class, "dropout": spec.dropout,
-                                 "val_per_class": spec.val_per_class, "params": params})
+                                 "val_per_class": spec.val_per_class, "params": params,
+                                 **({"joint": asdict(spec.joint)} if spec.joint else {})})
         finished = self._finished_run(run_fingerprint(cfg, spec.seed))
         if finished is not None:
             return finished
@@ -190,10 +238,18 @@ def train(spec: RunSpec, method_name: str, teacher_path: Path | None = None, ini
     method's HPARAMS; the resolved values, the teacher and the init are in the fingerprint."""
     entry = catalog.get(method_name)
     values = entry.resolve(overrides)
-    if entry.teacher and teacher_path is None:
-        raise ValueError(f"method {method_name} needs --teacher (a teacher run's model.pt)")
-    if not entry.teacher and teacher_path is not None:
-        raise ValueError(f"method {method_name} uses no teacher; drop --teacher")
+    joint = spec.joint
+    needs_teacher = entry.teacher or joint is not None   # the joint head learns from the teacher's own head
+    if needs_teacher and teacher_path is None:
+        raise ValueError(f"method {method_name}{' with a joint head' if joint else ''} needs --teacher "
+                         "(a teacher run's model.pt)")
+    if not needs_teacher and teacher_path is not None:
+        raise ValueError(f"method {method_name} uses no teacher; drop --teacher (or add --joint-head)")
+    if joint is not None and task != "student":
+        raise ValueError("a joint head belongs to a student run (--task student)")
+    if joint is not None and entry.scored_by != "test_acc":
+        raise ValueError(f"method {method_name} trains no head over C (scored by {entry.scored_by}); the joint "
+                         "head joins one: add it to a run of a method scored by test_acc")
     if entry.starts_from and init_path is None:
         raise ValueError(f"method {method_name} starts from a {entry.starts_from} run: give --init (its model.pt)")
     if not entry.starts_from and init_path is not None:
@@ -202,12 +258,17 @@ def train(spec: RunSpec, method_name: str, teacher_path: Path | None = None, ini
     if task == "student" and not entry.applies(ctx.split["teacher_classes"], ctx.classes):
         raise ValueError(f"method {method_name} needs teacher and student on the same classes; split {spec.split} "
                          f"has teacher {ctx.split['teacher_classes']} and student {ctx.classes}")
-    teacher = ctx.load_teacher(teacher_path) if entry.teacher else None
+    teacher = ctx.load_teacher(teacher_path) if needs_teacher else None
     if init_path is not None:
         student, _ = load_model(init_path, arch=spec.arch, num_classes=len(ctx.classes), dropout=spec.dropout)
     else:
         student = ctx.new_student()
-    method = entry.build(student, teacher, values)
+    method = entry.build(student, teacher if entry.teacher else None, values)
+    if joint is not None:
+        from refilled.methods.joint import JointHead
+
+        old_index = [ctx.split["teacher_classes"].index(c) for c in ctx.old_classes()]
+        method = JointHead(method, teacher, old_index, joint.weight, joint.T, spec.seed)
     params = {**values, "teacher": None if teacher_path is None else str(teacher_path),
               "init": None if init_path is None else str(init_path)}
     scored_by_test = entry.scored_by == "test_acc"
@@ -219,6 +280,35 @@ def train(spec: RunSpec, method_name: str, teacher_path: Path | None = None, ini
         extra = method.finish(ctx)
         if task == "student" and scored_by_test:
             extra.update(ctx.ncm(student))
+        if joint is not None:
+            if method.old_head is not None:
+                save_tensors(spec.out / JOINT_HEAD_FILE, {k: v.detach().cpu() for k, v in method.old_head.state_dict().items()})
+            extra["joint"] = {**asdict(joint), "old_classes": ctx.old_classes(),
+                              **ctx.joint_eval(student, joint.test_per_class, old_logits=method.old_logits)}
         return extra
 
     return ctx.fit(method, method_name, params, evaluate, finish)
+
+
+def joint_reference(spec: RunSpec, teacher_path: Path, student_path: Path) -> dict:
+    """The training-free joint model of a plain student run: the teacher's head over C' and the
+    student's head over C, each softmaxed, concatenated (shared classes from the student),
+    scored on the balanced test set of `spec.seed` (the one the joint-head runs of that seed
+    use). Writes `spec.out/summary.json` (method "reference"); nothing is trained."""
+    ctx = Context(spec, "student")
+    teacher = ctx.load_teacher(teacher_path)
+    student, meta = load_model(student_path, num_classes=len(ctx.classes), device=ctx.device)
+    if list(meta.get("classes", [])) != list(ctx.classes):
+        raise CheckpointError(f"{student_path}: student was trained on classes {meta.get('classes')}, but split "
+                              f"{spec.split} has student classes {ctx.classes}")
+    per_class = spec.joint.test_per_class if spec.joint else None
+    began = time.time()
+    result = ctx.joint_eval(student, per_class, teacher=teacher)
+    summary = {"method": "reference", "task": "student", "arch": meta["arch"],
+               "params": {"teacher": str(teacher_path), "student": str(student_path)},
+               "joint": {"test_per_class": per_class, "old_classes": ctx.old_classes(), **result},
+               "split": {"path": str(spec.split), **ctx.split}, "seed": spec.seed,
+               "data": {"root": str(spec.data_root)}, "profile": spec.profile,
+               "seconds": round(time.time() - began, 1), **environment(ctx.device)}
+    write_json(spec.out / "summary.json", summary)
+    return summary

@@ -208,3 +208,106 @@ def write_lambda_auc(runs: list[Path], out: Path) -> list[dict]:
                      "auc_confidence": "" if auc_conf is None else round(float(auc_conf), 6)})
     write_csv(out, rows, list(rows[0]))
     return rows
+
+
+# ---- Table H: the joint label space C' ∪ C (supplement §2) --------------------------------------
+
+REFERENCE = "reference"   # the training-free row: teacher head ⊕ student head (refilled joint-reference)
+REFERENCE_LABEL = "Reference (teacher ⊕ student heads, no training)"
+TABLE_H_METHODS = ("student", "refilled-minus", "refilled")   # the rows with a joint head, by default
+
+
+def _experiment_of(path: Path) -> str:
+    parts = Path(path).parts
+    if "students" not in parts[:-1]:
+        raise TableError(f"{path}: not under a students/<experiment>/ run directory; Table H reads the "
+                         "experiment from the path")
+    return parts[parts.index("students") + 1]
+
+
+def _record_h(path: Path) -> dict:
+    try:
+        s = read_json(path)
+    except FileNotFoundError:
+        raise TableError(f"{path}: no such summary (did the run finish?)") from None
+    j = s.get("joint")
+    if not j:
+        raise TableError(f"{path}: not a joint-head run or a reference (no 'joint' in the summary); "
+                         "Table H needs `refilled train --joint-head` runs and `refilled joint-reference`")
+    return {"experiment": _experiment_of(path), "ratio": _ratio_key(s["split"]["ratio"]), "row": s["method"],
+            "arch": s["arch"], "seed": s["seed"], "summary": str(path),
+            "acc_old": None if j["acc_old"] is None else 100.0 * j["acc_old"], "acc_new": 100.0 * j["acc_new"],
+            "H": 100.0 * j["H"], "test_per_class": j["test"]["per_class"], "test_seed": j["test"]["seed"]}
+
+
+def h_cell(records: list[dict]) -> str:
+    """'Acc_C' / Acc_C / H', each 'mean ± std' over seeds; Acc_C' is '—' where there are no old
+    classes (r = 1; H is then Acc_C)."""
+    old = [r["acc_old"] for r in records]
+    parts = [NOT_APPLICABLE if all(v is None for v in old) else cell(old)]
+    return " / ".join(parts + [cell([r["acc_new"] for r in records]), cell([r["H"] for r in records])])
+
+
+def write_table_h(summaries: list[Path], grid: list[tuple[str, list[float], list[str]]], methods: list[str] | None,
+                  out: Path, long_out: Path, md_out: Path) -> Path:
+    """Table H: per experiment and ratio, the rows (joint-head runs of `methods`, then the
+    reference), the students as columns, cells 'Acc_C' / Acc_C / H' (%), mean ± std over seeds."""
+    rows = list(methods or TABLE_H_METHODS)
+    for m in rows:
+        try:
+            if get(m).scored_by != "test_acc":
+                raise TableError(f"table h: {m} has no classifier over C (scored by {get(m).scored_by})")
+        except ParamError as exc:
+            raise TableError(str(exc)) from None
+    rows.append(REFERENCE)
+    grid_k = {exp: ([_ratio_key(r) for r in ratios], list(archs)) for exp, ratios, archs in grid}
+    cells, seen, records = {}, set(), []
+    for path in summaries:
+        rec = _record_h(Path(path))
+        ratios_k, archs = grid_k.get(rec["experiment"], ([], []))
+        key = (rec["experiment"], rec["ratio"], rec["row"], rec["arch"])
+        if rec["ratio"] not in ratios_k or rec["row"] not in rows or rec["arch"] not in archs:
+            raise TableError(f"{path}: run {key} is not in Table H's grid ({grid_k}, rows {rows})")
+        if (key, rec["seed"]) in seen:
+            raise TableError(f"{path}: a second run for {key} seed {rec['seed']}")
+        seen.add((key, rec["seed"]))
+        cells.setdefault(key, []).append(rec)
+        records.append(rec)
+    keys = [(e, r, m, a) for e, (ratios_k, archs) in grid_k.items() for r in ratios_k for m in rows for a in archs]
+    missing = [k for k in keys if k not in cells]
+    if missing:
+        raise TableError(f"table h: no runs for {len(missing)} cell(s), e.g. {missing[:3]}")
+    every = {r["seed"] for r in records}
+    uneven = [k for k, recs in cells.items() if {r["seed"] for r in recs} != every]
+    if uneven:
+        raise TableError(f"table h: every cell needs the same seeds {sorted(every)}; {len(uneven)} cell(s) lack "
+                         f"some, e.g. {uneven[:3]}")
+    label = lambda m: REFERENCE_LABEL if m == REFERENCE else f"{CATALOG[m].label} + joint head"
+    archs_all = list(dict.fromkeys(a for _, archs in grid_k.values() for a in archs))
+    wide = [{"experiment": e, "ratio": r, "method": label(m),
+             **{a: h_cell(cells[(e, r, m, a)]) if a in archs else "" for a in archs_all}}
+            for e, (ratios_k, archs) in grid_k.items() for r in ratios_k for m in rows]
+    md = ["**Table H.** The student over the joint label space C' ∪ C (supplement §2): "
+          "Acc_C' / Acc_C / H (%), Acc_C' on test images of the teacher's other classes C' \\ C, Acc_C on "
+          "the student's classes C, both predicted over C' ∪ C, H their harmonic mean; mean ± std over seeds "
+          f"{sorted(every)}. The balanced test set has the same number of images per class "
+          f"({', '.join(sorted({str(r['test_per_class']) for r in records}))}) from C' \\ C and from C, drawn with "
+          "the run's seed. At overlap 100% there are no old classes: Acc_C' is —, and H is the plain accuracy Acc_C."]
+    for e, (ratios_k, archs) in grid_k.items():
+        for r in ratios_k:
+            md.append(f"\n**{e}, overlap ratio = {float(r) * 100:g}%**\n")
+            md.append("| method | " + " | ".join(archs) + " |")
+            md.append("|---" * (len(archs) + 1) + "|")
+            for m in rows:
+                md.append(f"| {label(m)} | " + " | ".join(h_cell(cells[(e, r, m, a)]) for a in archs) + " |")
+    long_fields = ["experiment", "ratio", "method", "arch", "seed", "acc_old", "acc_new", "H", "test_per_class",
+                   "test_seed", "summary"]
+    order = list(grid_k)
+    records.sort(key=lambda x: (order.index(x["experiment"]), grid_k[x["experiment"]][0].index(x["ratio"]),
+                                rows.index(x["row"]), grid_k[x["experiment"]][1].index(x["arch"]), x["seed"]))
+    long_rows = [{**{k: rec[k] for k in long_fields if k != "method"}, "method": rec["row"],
+                  "acc_old": "" if rec["acc_old"] is None else rec["acc_old"]} for rec in records]
+    write_csv(out, wide, ["experiment", "ratio", "method", *archs_all])
+    write_csv(long_out, long_rows, long_fields)
+    atomic_write_text(md_out, "\n".join(md) + "\n")
+    return out

@@ -45,7 +45,9 @@ RUNS = f"results/runs/{PROFILE}"            # run directories: metrics.csv, mode
 LOGS = f"results/logs/{PROFILE}"
 BENCH = f"results/benchmarks/{PROFILE}"
 TEACHER_RUN = "teachers/{exp}/seed{seed}"
-STUDENT_RUN = "students/{exp}/r{ratio}/{arch}/seed{seed}/{method}{tag}"   # tag: the swept hyper-parameters
+STUDENT_RUN = "students/{exp}/r{ratio}/{arch}/seed{seed}/{method}{tag}{joint}"   # tag: the swept hyper-parameters
+JOINT = "-joint"                          # the {joint} of a run with the joint head (Table H), else empty
+REFERENCE_RUN = "students/{exp}/r{ratio}/{arch}/seed{seed}/reference"   # Table H's training-free reference
 RUN_FILES = ("summary.json", "model.pt", "metrics.csv")                    # what every run declares
 
 
@@ -83,11 +85,17 @@ def teacher_dir(exp, seed):
     return f"{RUNS}/{run}"
 
 
-def run_dir(exp, ratio, arch, seed, method, **swept):
-    """The run of `method` for one cell, at the profile's hyper-parameters (`swept` overrides some)."""
+def run_dir(exp, ratio, arch, seed, method, joint=False, **swept):
+    """The run of `method` for one cell, at the profile's hyper-parameters (`swept` overrides some);
+    `joint`: the run with the joint head (its own run: the head changes the backbone's training)."""
     name = CATALOG[method].run_name(method_values(P, method, **swept))
-    run = STUDENT_RUN.format(exp=exp, ratio=fmt(ratio), arch=arch, seed=seed, method=name, tag="")
+    run = STUDENT_RUN.format(exp=exp, ratio=fmt(ratio), arch=arch, seed=seed, method=name, tag="",
+                             joint=JOINT if joint else "")
     return f"{RUNS}/{run}"
+
+
+def reference_dir(exp, ratio, arch, seed):
+    return f"{RUNS}/{REFERENCE_RUN.format(exp=exp, ratio=fmt(ratio), arch=arch, seed=seed)}"
 
 
 def tag_values(method, tag):
@@ -107,7 +115,7 @@ def tag_values(method, tag):
 def train_inputs(wc):
     entry = CATALOG[wc.method]
     inputs = {"split": split_file(wc.exp, wc.ratio, wc.seed), "data": data_ready(wc.exp)}
-    if entry.teacher:
+    if entry.teacher or wc.joint:     # the joint head learns from the teacher's own head
         inputs["teacher"] = f"{teacher_dir(wc.exp, wc.seed)}/model.pt"
     if entry.starts_from:
         inputs["init"] = f"{run_dir(wc.exp, wc.ratio, wc.arch, wc.seed, entry.starts_from)}/model.pt"
@@ -121,7 +129,16 @@ def train_sets(wc):
     if name != f"{wc.method}{wc.tag}":   # e.g. lam1.0 for lam1: one spelling per run
         raise WorkflowError(f"run directory {wc.method}{wc.tag} should be spelled {name}")
     hp = CATALOG[wc.method].settable
-    return " ".join(f"--set {k}={hp[k].format(v)}" for k, v in values.items() if k in hp)
+    sets = [f"--set {k}={hp[k].format(v)}" for k, v in values.items() if k in hp]
+    return " ".join(sets + ([joint_args()] if wc.joint else []))
+
+
+def joint_args():
+    """The joint head's flags, from the profile's table_h section."""
+    th = P["table_h"]
+    n = th["test_per_class"]
+    per_class = "" if n is None else f" --joint-test-per-class {n}"
+    return f"--joint-head {fmt(th['weight'])} --joint-T {fmt(th['T'])}{per_class}"
 
 
 def train_flags(wc, input):
@@ -208,6 +225,18 @@ def claims_inputs(wc):
 
 
 GAIN_OUTPUTS = ["results/gain_vs_data.csv", "figures/gain_vs_data.png", "figures/gain_vs_data.pdf"]
+def table_h_grid():
+    """[(experiment, ratios, students)] of Table H: the table_h section, defaulting to each experiment's grid."""
+    th = P["table_h"]
+    return [(e, th["ratios"] or EXPS[e]["ratios"], th["students"] or EXPS[e]["students"]) for e in th["experiments"]]
+
+
+def table_h_runs():
+    """Table H's joint-head runs, then its references (each from the plain Student run of its cell)."""
+    methods = P["table_h"]["methods"]
+    cells = [(e, r, a, s) for e, ratios, archs in table_h_grid() for r in ratios for a in archs for s in SEEDS]
+    return ([run_dir(e, r, a, s, m, joint=True) for e, r, a, s in cells for m in methods]
+            + [reference_dir(e, r, a, s) for e, r, a, s in cells])
 
 
 def table_rule_params(exp):
@@ -223,7 +252,7 @@ def reproduction_tables():
         [(EXPS[t4["experiment"]]["dataset"], t4["arch"])]
 
 
-TABLES = [f"results/table{t}{suffix}" for t in (1, 2, 4) for suffix in (".csv", "_long.csv", ".md")] + \
+TABLES = [f"results/table{t}{suffix}" for t in (1, 2, 4, "_h") for suffix in (".csv", "_long.csv", ".md")] + \
     ["results/reproduction.csv", "results/reproduction.md"]
 FIGURES = [f"figures/{name}.{ext}" for name in ("figure1_convergence", "figure2_lambda_sweep", "figure3_lambda_hist")
            for ext in ("png", "pdf")]

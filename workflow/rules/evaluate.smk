@@ -21,3 +21,34 @@ rule lambda_auc:
         runs=figure3_runs(),
     shell:
         "{params.refilled} lambda-auc --runs {params.runs} --out {output} > {log} 2>&1"
+
+
+# Table H's training-free reference, per (experiment, ratio, student, seed): the teacher's head
+# over C' and the plain Student run's head over C, each softmaxed and concatenated, scored on
+# the balanced test set of C' ∪ C drawn with the seed (the one the joint-head runs use).
+rule joint_reference:
+    input:
+        split=lambda wc: split_file(wc.exp, wc.ratio, wc.seed),
+        data=lambda wc: data_ready(wc.exp),
+        teacher=lambda wc: f"{teacher_dir(wc.exp, wc.seed)}/model.pt",
+        student=lambda wc: f"{run_dir(wc.exp, wc.ratio, wc.arch, wc.seed, 'student')}/model.pt",
+    output:
+        f"{RUNS}/{REFERENCE_RUN}/summary.json",
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/{REFERENCE_RUN}.log",
+    benchmark:
+        f"{BENCH}/{REFERENCE_RUN}.tsv"
+    params:
+        refilled=REFILLED,
+        out=lambda wc, output: os.path.dirname(output[0]),
+        test_per_class=lambda wc: ("" if P["table_h"]["test_per_class"] is None
+                                   else f"--joint-test-per-class {P['table_h']['test_per_class']}"),
+        device=P["device"],
+        data_root=DATA_ROOT,
+        profile=PROFILE,
+    shell:
+        "{params.refilled} joint-reference --split {input.split} --teacher {input.teacher} --student {input.student} "
+        "--seed {wildcards.seed} {params.test_per_class} --data-root {params.data_root} --no-checksum "
+        "--device {params.device} --profile {params.profile} --out {params.out} > {log} 2>&1"

@@ -83,3 +83,26 @@ rule reproduction:
                                           zip((1, 2, 4), input.tables, reproduction_tables())),
     shell:
         "{params.refilled} reproduction {params.tables} --out {output.csv} --markdown {output.md} > {log} 2>&1"
+# Table H (supplement §2): the joint-head runs and the training-free references of the
+# table_h section, Acc_C' / Acc_C / H per cell.
+rule table_h:
+    input:
+        summaries(table_h_runs()),
+    output:
+        csv=report("results/table_h.csv", caption="../report/table_h.rst", category="Tables"),
+        long="results/table_h_long.csv",
+        md="results/table_h.md",
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/table_h.log",
+    benchmark:
+        f"{BENCH}/table_h.tsv"
+    params:
+        refilled=REFILLED,
+        grid=" ".join(f"--grid {e} {','.join(fmt(r) for r in ratios)} {','.join(archs)}"
+                      for e, ratios, archs in table_h_grid()),
+        methods=" ".join(P["table_h"]["methods"]),
+    shell:
+        "{params.refilled} table --table h --summaries {input} {params.grid} --methods {params.methods} "
+        "--out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"

@@ -153,3 +153,24 @@ class Batches:
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def balanced_split(source: ArraySplit | FileSplit, old_classes: list[int], new_classes: list[int],
+                   per_class: int | None, seed: int) -> tuple[TaskSplit, dict]:
+    """The balanced test set of the joint label space: `per_class` seeded images of every class
+    in `old_classes` (C' \\ C) and in `new_classes` (C); None: as many as the rarest of them
+    has. Labels are joint indices (old classes first, then new). Returns the split and its
+    record (seed, per-class counts, digest) for summary.json."""
+    shared = sorted(set(old_classes) & set(new_classes))
+    if shared:
+        raise ValueError(f"balanced_split: old classes must exclude the student's classes; shared: {shared}")
+    classes = list(old_classes) + list(new_classes)
+    available = {c: int((source.labels == c).sum()) for c in classes}
+    n = min(available.values()) if per_class is None else int(per_class)
+    short = {c: k for c, k in available.items() if k < n}
+    if short:
+        raise ValueError(f"balanced test set: {n} images per class asked, but classes {short} have fewer")
+    split = task_split(source, classes, n, seed)
+    counts = {str(c): int((split.labels == j).sum()) for j, c in enumerate(classes)}
+    return split, {"seed": seed, "per_class": n, "old_classes": list(old_classes), "new_classes": list(new_classes),
+                   "counts": counts, **split.describe()}
