@@ -50,6 +50,7 @@ localrules:
     split,
     table1,
     table2,
+    table3,
     table4,
     lambda_auc,
     figure1,
@@ -69,7 +70,7 @@ rule all:
 rule data:
     input:
         sorted({data_ready(e) for e in EXPS}),
-        sorted({split_file(e, r, s) for e in EXPS for r in [0, *EXPS[e]["ratios"]] for s in SEEDS}),
+        sorted({split_file(e, r, s) for e in EXPS for r in {teacher_ratio(e), *EXPS[e]["ratios"]} for s in SEEDS}),
 
 
 rule teachers:

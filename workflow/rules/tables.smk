@@ -45,6 +45,29 @@ rule table2:
         "--methods {params.methods} --lam {params.lam} --out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
 
 
+rule table3:
+    input:
+        runs=summaries(table_runs("table3")),
+        teachers=[f"{teacher_dir('table3', s)}/summary.json" for s in SEEDS],
+    output:
+        csv=report("results/table3.csv", caption="../report/table3.rst", category="Tables"),
+        long="results/table3_long.csv",
+        md="results/table3.md",
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/table3.log",
+    benchmark:
+        f"{BENCH}/table3.tsv"
+    params:
+        refilled=REFILLED,
+        **table_rule_params("table3"),
+    shell:
+        "{params.refilled} table --table 3 --summaries {input.runs} --teachers {input.teachers} --ratios {params.ratios} "
+        "--columns {params.columns} --methods {params.methods} --out {output.csv} --long {output.long} "
+        "--markdown {output.md} > {log} 2>&1"
+
+
 rule table4:
     input:
         summaries(table4_runs()),
