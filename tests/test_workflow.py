@@ -42,7 +42,7 @@ from refilled.methods import CATALOG, table_methods  # noqa: E402  (torch-free)
 
 METHODS = table_methods()                     # the rows of Tables 1 and 2, from the catalog
 LABELS = {m: CATALOG[m].label for m in METHODS}
-TABLE_FILES = [f"results/table{t}{s}" for t in (1, 2, 4) for s in (".csv", "_long.csv", ".md")]
+TABLE_FILES = [f"results/table{t}{s}" for t in (1, 2, 3, 4) for s in (".csv", "_long.csv", ".md")]
 FIGURE_FILES = [f"figures/{n}.{e}" for n in ("figure1_convergence", "figure2_lambda_sweep", "figure3_lambda_hist")
                 for e in ("png", "pdf")]
 
@@ -549,6 +549,38 @@ def test_smoke_tables_1_2_shape_and_every_cell_traces_to_summaries(smoke_clone, 
             assert std == ("n/a" if len(values) == 1 else f"{statistics.stdev(values):.2f}")
     md = (repo / f"results/table{table}.md").read_text()
     assert md.count("**Overlap ratio") == len(e["ratios"]) and all(a in md for a in e["students"])
+
+
+@pytest.mark.slow
+def test_smoke_table3_shape_and_every_cell_traces_to_summaries(smoke_clone):
+    """Standard KD: the profile's methods as rows, its students as columns, one ratio (1);
+    every cell the mean of its runs' summary.json, the caption the teachers' accuracy."""
+    repo = smoke_clone["repo"]
+    cfg = profile("smoke")
+    e = cfg["experiments"]["table3"]
+    wide = _read(repo / "results/table3.csv")
+    assert list(wide[0]) == ["ratio", "method", *e["students"]]
+    assert [r["method"] for r in wide] == [CATALOG[m].label for m in e["methods"]]
+    long = _read(repo / "results/table3_long.csv")
+    assert len(long) == len(e["methods"]) * len(e["students"]) * len(cfg["seeds"])
+    for row in long:
+        s = json.loads((repo / row["summary"]).read_text())
+        assert row["summary"].startswith(f"results/runs/smoke/students/table3/r1/{row['arch']}/seed")
+        assert (s["arch"], s["method"], s["seed"]) == (row["arch"], row["method"], int(row["seed"]))
+        assert s["split"]["teacher_classes"] == s["split"]["student_classes"] and len(s["split"]["student_classes"]) == 10
+        assert float(row["test_acc"]) == pytest.approx(100 * s["test_acc"])
+    for w in wide:
+        method = e["methods"][[CATALOG[m].label for m in e["methods"]].index(w["method"])]
+        for arch in e["students"]:
+            values = [100 * json.loads((repo / r["summary"]).read_text())["test_acc"] for r in long
+                      if (r["method"], r["arch"]) == (method, arch)]
+            assert len(values) == len(cfg["seeds"])
+            assert float(w[arch].partition(" ± ")[0]) == pytest.approx(statistics.fmean(values), abs=0.005)
+    teachers = [json.loads((repo / f"results/runs/smoke/teachers/table3/seed{s}/summary.json").read_text())
+                for s in cfg["seeds"]]
+    md = (repo / "results/table3.md").read_text()
+    acc = statistics.fmean(100 * t["test_acc"] for t in teachers)
+    assert f"Teacher {e['teacher']['arch']}: {acc:.2f} ± " in md
 
 
 @pytest.mark.slow
