@@ -115,6 +115,18 @@ def expected_runs(cfg: dict, targets: set[str]) -> dict[str, set]:
                             else:
                                 student_task(t, r, a, s)
                                 runs["train"].add((m, t, g(r), a, s))
+    if "table3" in targets:   # standard KD: every class at r = 1, which is also the teacher's split
+        e = ex["table3"]
+        for a in e["students"]:
+            for s in seeds:
+                runs["teacher"].add(("table3", s))
+                runs["split"].add((e["dataset"], e["classes_per_task"], g(1), s))
+                runs["prepare_data"].add(e["dataset"])
+                for m in e["methods"]:
+                    runs["train"].add((m, "table3", a, s))
+                    first = CATALOG[m].starts_from   # fitnet-hint before fitnet, stage1 before refilled-std
+                    if first:
+                        runs["train"].add((first, "table3", a, s))
     if "table4" in targets:
         t4 = cfg["table4"]
         for r in t4["ratios"]:
@@ -164,16 +176,18 @@ def test_dry_run_table2_paper_has_exactly_the_grid(tmp_path):
 def test_dry_run_everything_paper_shares_runs_across_tables_and_figures(tmp_path):
     out = snakemake(["all", "-n", "--quiet", "rules", "--config", "profile=paper"], workdir=tmp_path)
     counts = job_counts(out.stdout + out.stderr)
-    runs = expected_runs(profile("paper"), {"table1", "table2", "table4", "figures"})
+    runs = expected_runs(profile("paper"), {"table1", "table2", "table3", "table4", "figures"})
     expected = {k: len(v) for k, v in runs.items()}
-    expected.update({r: 1 for r in ("table1", "table2", "table4", "figure1", "figure2", "figure3", "lambda_auc", "all")})
+    expected.update({r: 1 for r in ("table1", "table2", "table3", "table4", "figure1", "figure2", "figure3",
+                                    "lambda_auc", "all")})
     assert counts == expected
     # Table 4 adds K-hat 1 and 5 (K-hat inf is Table 1's stage 1); Figure 2 adds lambda != 2;
     # Figure 1 reuses a Table-2 run; Figure 3 adds lambda = 1 at two ratios.
     stage1 = (5 + 6) * 4 * 3 + 2 * 2 * 3
     stage2 = (5 + 6) * 4 * 3 * 3 + 4 * 4 * 3 + 2 * 3
     baselines = (5 + 6) * 4 * 3 * 3
-    assert counts["train"] == stage1 + stage2 + baselines
+    table3 = 3 * 3 * (7 + 2)   # 3 students x 3 seeds x (7 rows + FitNet's hint stage + REFILLED's stage 1)
+    assert counts["train"] == stage1 + stage2 + baselines + table3
 
 
 def test_training_rules_declare_one_gpu(tmp_path):
