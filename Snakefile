@@ -52,6 +52,7 @@ localrules:
     split,
     table1,
     table2,
+    table3,
     table4,
     reproduction,
     table_h,
@@ -76,7 +77,7 @@ rule all:
 rule data:
     input:
         sorted({data_ready(e) for e in EXPS}),
-        sorted({split_file(e, r, s) for e in EXPS for r in [0, *EXPS[e]["ratios"]] for s in SEEDS}),
+        sorted({split_file(e, r, s) for e in EXPS for r in {teacher_ratio(e), *EXPS[e]["ratios"]} for s in SEEDS}),
 
 
 rule teachers:

@@ -28,6 +28,8 @@ def build_case(case_id, student_arch="wrn-10-1", teacher_arch="wrn-10-2", classe
     entry = CATALOG[name]
     torch.manual_seed(seed)
     student = build_model(student_arch, classes)
+    if entry.applies_to == "same-classes":   # KD and its kin read the teacher's logits over the student's classes
+        teacher_classes = classes
     teacher = build_model(teacher_arch, teacher_classes).eval() if entry.teacher else None
     method = entry.build(student, teacher, entry.resolve(overrides))
     if prepare_batches is not None:

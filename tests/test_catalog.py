@@ -131,14 +131,15 @@ def test_profile_methods_section_is_checked_against_the_declarations(tmp_path):
     shutil.copytree(ROOT / "workflow" / "schemas", base / "workflow" / "schemas")
     (base / "config").mkdir()
     text = (ROOT / "config" / "smoke.yaml").read_text()
-    (base / "config" / "good.yaml").write_text(text + "methods:\n  stage1: {tau: 2}\n  rkd: {angle_weight: 10}\n")
+    (base / "config" / "good.yaml").write_text(text + "methods:\n  stage1: {tau: 2}\n  rkd: {angle_weight: 10}\n"
+                                             "  kd: {T: 3}\n")
     cfg = load_profile(base, "good")
     from refilled.config import method_values
     assert method_values(cfg, "stage1")["tau"] == 2 and method_values(cfg, "rkd")["angle_weight"] == 10
-    assert method_values(cfg, "refilled")["lam"] == cfg["lam"]
+    assert method_values(cfg, "refilled")["lam"] == cfg["lam"] and method_values(cfg, "kd")["T"] == 3
     for extra, words in [("methods:\n  stage1: {taus: 2}\n", ["methods.stage1", "'taus'"]),
                          ("methods:\n  stage1: {tau: -2}\n", ["methods.stage1.tau", "-2"]),
-                         ("methods:\n  kd: {T: 4}\n", ["'kd'", "methods"]),
+                         ("methods:\n  fitnets: {T: 4}\n", ["'fitnets'", "methods"]),   # not a catalog name
                          ("methods:\n  refilled: {lam: 4}\n", ["methods.refilled", "'lam'"])]:
         (base / "config" / "bad.yaml").write_text(text + extra)
         with pytest.raises(ConfigError) as info:

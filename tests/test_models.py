@@ -185,3 +185,26 @@ def test_backward_through_all_outputs(name):
     loss = out.logits.sum() + out.embedding.pow(2).sum() + sum(f.pow(2).mean() for f in out.features)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["wrn-16-2", "wrn-10-1", "mobilenet-0.5"])
+@pytest.mark.parametrize("train", [False, True])
+def test_pre_relu_features_are_the_bn_outputs(name, train):
+    """Each pre-ReLU feature is its BN applied to the stage output (recomputed here from the
+    stage outputs, eval mode: running statistics), and each BN runs once per forward."""
+    model = build_model(name, 5).train(train)
+    calls = {}
+    for i, bn in enumerate(model.bn_before_relu()):
+        bn.register_forward_hook(lambda m, inp, out, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 32, 32))
+    bns = model.bn_before_relu()
+    assert len(out.pre_relu) == len(bns) == len(out.features)
+    assert calls == {i: 1 for i in range(len(bns))}
+    assert all((p < 0).any() for p in out.pre_relu)
+    if not train and name.startswith("wrn"):
+        model.eval()
+        with torch.no_grad():
+            for f, p, bn in zip(out.features, out.pre_relu, bns):
+                torch.testing.assert_close(p, bn(f))
+            torch.testing.assert_close(out.embedding, F.relu(out.pre_relu[-1]).mean((2, 3)))

@@ -74,3 +74,12 @@ def test_subsample_is_seeded_and_per_class():
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert labels[a].tolist() == [3] * 5 + [1] * 5
     assert len(subsample_per_class(labels, [2], None, 0)) == 20
+
+
+def test_every_class_at_ratio_one_is_standard_kd_and_nothing_else_fits():
+    s = make_split("fashion-mnist", 1, 3, 10)
+    assert s["teacher_classes"] == s["student_classes"] and sorted(s["teacher_classes"]) == list(range(10))
+    with pytest.raises(SplitError, match="need 11 classes"):
+        make_split("fashion-mnist", 0.9, 3, 10)
+    with pytest.raises(SplitError, match="between 1 and 10"):
+        make_split("fashion-mnist", 1, 3, 11)

@@ -127,6 +127,7 @@ def test_only_figure1_runs_evaluate_every_epoch_in_the_demo_dry_run(tmp_path):
     every = {re.search(r"--out (\S+)", c).group(1) for c in commands if "--eval-every 1 " in c}
     runs = "results/runs/demo/students/table2/r0.6/wrn-16-2/seed0"       # config/demo.yaml's figure1
     assert every == {f"{runs}/stage1_kinf", f"{runs}/refilled_lam2"}
-    # 330 runs of Tables 1, 2, 4 and the figures, and Table H's 9 joint-head runs (3 ratios x 3 rows, one student)
-    assert len(commands) == 339 and sum("--eval-every 1000 " in c for c in commands) == 337
+    # 330 runs of Tables 1, 2, 4 and the figures, 27 of Table 3 (3 students x 9 runs) and Table H's 9
+    # joint-head runs (3 ratios x 3 rows, one student)
+    assert len(commands) == 366 and sum("--eval-every 1000 " in c for c in commands) == 364
     assert sum(" --joint-head " in c for c in commands) == 9

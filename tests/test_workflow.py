@@ -42,7 +42,7 @@ from refilled.methods import CATALOG, table_methods  # noqa: E402  (torch-free)
 
 METHODS = table_methods()                     # the rows of Tables 1 and 2, from the catalog
 LABELS = {m: CATALOG[m].label for m in METHODS}
-TABLE_FILES = [f"results/table{t}{s}" for t in (1, 2, 4, "_h") for s in (".csv", "_long.csv", ".md")] + \
+TABLE_FILES = [f"results/table{t}{s}" for t in (1, 2, 3, 4, "_h") for s in (".csv", "_long.csv", ".md")] + \
     ["results/reproduction.csv", "results/reproduction.md"]
 FIGURE_FILES = [f"figures/{n}.{e}" for n in ("figure1_convergence", "figure2_lambda_sweep", "figure3_lambda_hist")
                 for e in ("png", "pdf")]
@@ -116,6 +116,18 @@ def expected_runs(cfg: dict, targets: set[str]) -> dict[str, set]:
                             else:
                                 student_task(t, r, a, s)
                                 runs["train"].add((m, t, g(r), a, s))
+    if "table3" in targets:   # standard KD: every class at r = 1, which is also the teacher's split
+        e = ex["table3"]
+        for a in e["students"]:
+            for s in seeds:
+                runs["teacher"].add(("table3", s))
+                runs["split"].add((e["dataset"], e["classes_per_task"], g(1), s))
+                runs["prepare_data"].add(e["dataset"])
+                for m in e["methods"]:
+                    runs["train"].add((m, "table3", a, s))
+                    first = CATALOG[m].starts_from   # fitnet-hint before fitnet, stage1 before refilled-std
+                    if first:
+                        runs["train"].add((first, "table3", a, s))
     if "table4" in targets:
         t4 = cfg["table4"]
         for r in t4["ratios"]:
@@ -180,10 +192,10 @@ def test_dry_run_table2_paper_has_exactly_the_grid(tmp_path):
 def test_dry_run_everything_paper_shares_runs_across_tables_and_figures(tmp_path):
     out = snakemake(["all", "-n", "--quiet", "rules", "--config", "profile=paper"], workdir=tmp_path)
     counts = job_counts(out.stdout + out.stderr)
-    runs = expected_runs(profile("paper"), {"table1", "table2", "table4", "figures", "table_h"})
+    runs = expected_runs(profile("paper"), {"table1", "table2", "table3", "table4", "figures", "table_h"})
     expected = {k: len(v) for k, v in runs.items()}
-    expected.update({r: 1 for r in ("table1", "table2", "table4", "table_h", "reproduction", "figure1", "figure2",
-                                    "figure3", "lambda_auc", "all")})
+    expected.update({r: 1 for r in ("table1", "table2", "table3", "table4", "table_h", "reproduction", "figure1",
+                                    "figure2", "figure3", "lambda_auc", "all")})
     assert counts == expected
     # Table 4 adds K-hat 1 and 5 (K-hat inf is Table 1's stage 1); Figure 2 adds lambda != 2;
     # Figure 1 reuses a Table-2 run; Figure 3 adds lambda = 1 at two ratios; Table H adds a
@@ -193,7 +205,8 @@ def test_dry_run_everything_paper_shares_runs_across_tables_and_figures(tmp_path
     stage1 = cells + 2 * 2 * 3
     stage2 = cells * 3 + 4 * 4 * 3 + 2 * 3
     baselines = cells * 3
-    assert counts["train"] == stage1 + stage2 + baselines + 3 * cells
+    table3 = 3 * 3 * (7 + 2)   # 3 students x 3 seeds x (7 rows + FitNet's hint stage + REFILLED's stage 1)
+    assert counts["train"] == stage1 + stage2 + baselines + 3 * cells + table3
     assert counts["joint_reference"] == cells
 
 
@@ -576,6 +589,38 @@ def test_smoke_tables_1_2_shape_and_every_cell_traces_to_summaries(smoke_clone, 
             assert std == ("n/a" if len(values) == 1 else f"{statistics.stdev(values):.2f}")
     md = (repo / f"results/table{table}.md").read_text()
     assert md.count("**Overlap ratio") == len(e["ratios"]) and all(a in md for a in e["students"])
+
+
+@pytest.mark.slow
+def test_smoke_table3_shape_and_every_cell_traces_to_summaries(smoke_clone):
+    """Standard KD: the profile's methods as rows, its students as columns, one ratio (1);
+    every cell the mean of its runs' summary.json, the caption the teachers' accuracy."""
+    repo = smoke_clone["repo"]
+    cfg = profile("smoke")
+    e = cfg["experiments"]["table3"]
+    wide = _read(repo / "results/table3.csv")
+    assert list(wide[0]) == ["ratio", "method", *e["students"]]
+    assert [r["method"] for r in wide] == [CATALOG[m].label for m in e["methods"]]
+    long = _read(repo / "results/table3_long.csv")
+    assert len(long) == len(e["methods"]) * len(e["students"]) * len(cfg["seeds"])
+    for row in long:
+        s = json.loads((repo / row["summary"]).read_text())
+        assert row["summary"].startswith(f"results/runs/smoke/students/table3/r1/{row['arch']}/seed")
+        assert (s["arch"], s["method"], s["seed"]) == (row["arch"], row["method"], int(row["seed"]))
+        assert s["split"]["teacher_classes"] == s["split"]["student_classes"] and len(s["split"]["student_classes"]) == 10
+        assert float(row["test_acc"]) == pytest.approx(100 * s["test_acc"])
+    for w in wide:
+        method = e["methods"][[CATALOG[m].label for m in e["methods"]].index(w["method"])]
+        for arch in e["students"]:
+            values = [100 * json.loads((repo / r["summary"]).read_text())["test_acc"] for r in long
+                      if (r["method"], r["arch"]) == (method, arch)]
+            assert len(values) == len(cfg["seeds"])
+            assert float(w[arch].partition(" ± ")[0]) == pytest.approx(statistics.fmean(values), abs=0.005)
+    teachers = [json.loads((repo / f"results/runs/smoke/teachers/table3/seed{s}/summary.json").read_text())
+                for s in cfg["seeds"]]
+    md = (repo / "results/table3.md").read_text()
+    acc = statistics.fmean(100 * t["test_acc"] for t in teachers)
+    assert f"Teacher {e['teacher']['arch']}: {acc:.2f} ± " in md
 
 
 @pytest.mark.slow

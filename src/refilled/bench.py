@@ -282,18 +282,26 @@ def measure(fn, images_per_step: int, device: torch.device, warmup: int, min_ste
     return n * images_per_step / (time.perf_counter() - began)
 
 
-def flops_per_image(method, x: torch.Tensor, y: torch.Tensor, amp: bool) -> float:
-    """FLOPs of one training step (forward + backward) per image, by FlopCounterMode."""
+def flops_per_image(method, x: torch.Tensor, y: torch.Tensor, amp: bool) -> float | None:
+    """FLOPs of one training step (forward + backward) per image, by FlopCounterMode; None
+    where it cannot count the step (its module hooks refuse `torch.autograd.grad` inside the
+    loss: Jacobian matching's double backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     method.train()
     counter = FlopCounterMode(display=False)
-    with counter:
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
-            _, losses = method.loss(x, y)
-        sum(losses.values()).backward()
-    for p in method.parameters():
-        p.grad = None
+    try:
+        with counter:
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+                _, losses = method.loss(x, y)
+            sum(losses.values()).backward()
+    except RuntimeError as exc:
+        if "autograd.grad" not in str(exc):
+            raise
+        return None
+    finally:
+        for p in method.parameters():
+            p.grad = None
     return counter.get_total_flops() / x.shape[0]
 
 
@@ -477,11 +485,15 @@ def bench_rows(cfg: Config, device: torch.device, reference: bool = True, eager:
                                                          with_extras=False)["img_s"], 1)
             if "teacher_s" in ours:
                 row["teacher_share"] = round(ours["teacher_s"] * ours["img_s"] / case.batch, 3)
-            gflop = ours["flops"] / 1e9
-            row["gflop_per_img"] = round(gflop, 4)
-            tflops = gflop * ours["img_s"] / 1e3
-            row["tflops"] = round(tflops, 3)
-            row["peak_share"] = round(tflops / peak, 4) if peak else "n/a"
+            if ours["flops"] is None:
+                notes.append("FLOPs not counted (FlopCounterMode cannot trace autograd.grad)")
+                row["gflop_per_img"] = row["tflops"] = row["peak_share"] = "n/a"
+            else:
+                gflop = ours["flops"] / 1e9
+                row["gflop_per_img"] = round(gflop, 4)
+                tflops = gflop * ours["img_s"] / 1e3
+                row["tflops"] = round(tflops, 3)
+                row["peak_share"] = round(tflops / peak, 4) if peak else "n/a"
             row["notes"] = "; ".join(notes)
             rows.append(row)
             log(f"  {case.method:8s} {case.student:15s} {case.px:4d}px: ours {row['ours_img_s']} img/s, "

@@ -26,7 +26,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--milestones", type=float, nargs="+", default=None, metavar="F",
-                   help="multistep: x0.2 at these fractions of the epochs (default 0.5 0.7 0.9)")
+                   help="multistep: x gamma at these fractions of the epochs (default 0.5 0.7 0.9)")
+    p.add_argument("--gamma", type=float, default=0.2,
+                   help="multistep: the factor at each milestone (default 0.2, the authors'; Table 3's recipe: 0.1)")
     p.add_argument("--schedule", choices=("multistep", "cosine"), default=None,
                    help="multistep: x0.2 at 50%%, 70%%, 90%% of the epochs; cosine: down to 0.1*lr "
                         "(default: the method's recipe, cosine for stage 1, multistep otherwise)")
@@ -198,13 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     pin.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the refilled command to run")
     pin.set_defaults(func=_cmd_pin)
 
-    table = sub.add_parser("table", help="a paper table (1, 2 or 4) from run summaries: wide CSV, long CSV, Markdown",
+    table = sub.add_parser("table", help="a paper table (1-4) from run summaries: wide CSV, long CSV, Markdown",
                            description="Tables 1 and 2: one block per overlap ratio, methods as rows, student "
                                        "architectures as columns, cells 'mean ± std' of the final-epoch test accuracy "
-                                       "(%%) over seeds. Table 4: overlap ratios as rows, K-hat as columns, NCM accuracy "
+                                       "(%%) over seeds. Table 3 (standard KD, one ratio): the same, the teacher's "
+                                       "accuracy in the caption (--teachers). Table 4: overlap ratios as rows, K-hat as columns, NCM accuracy "
                                        "after stage 1. Every number is read from the summary.json files given; a "
                                        "missing or duplicated cell is an error.")
-    table.add_argument("--table", required=True, choices=("1", "2", "4", "h"),
+    table.add_argument("--table", required=True, choices=("1", "2", "3", "4", "h"),
                        help="h: Table H, Acc_C' / Acc_C / H of the joint-head runs and the reference (its grid "
                             "is per experiment: --grid instead of --ratios and --columns)")
     table.add_argument("--summaries", required=True, nargs="+", type=Path, help="summary.json of every run in the table")
@@ -216,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--grid", nargs=3, action="append", default=None, metavar=("EXP", "RATIOS", "ARCHS"),
                        help="Table H, once per experiment: its name (the run paths' students/EXP/), its ratios and "
                             "its students, comma-separated")
+    table.add_argument("--teachers", nargs="+", type=Path, default=None,
+                       help="Table 3: summary.json of the teacher run of every seed (its accuracy goes in the caption)")
     table.add_argument("--out", required=True, type=Path, help="wide CSV (the supplement's shape)")
     table.add_argument("--long", required=True, type=Path, help="long CSV: one row per run")
     table.add_argument("--markdown", required=True, type=Path)
@@ -380,8 +385,8 @@ def cmd_train(args) -> int:
                    batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                    schedule=args.schedule or entry.schedule, device=args.device, num_workers=args.num_workers,
                    eval_every=args.eval_every, profile=args.profile, dropout=args.dropout,
-                   milestones=tuple(args.milestones) if args.milestones else None, val_per_class=args.val_per_class,
-                   joint=_joint_spec(args))
+                   milestones=tuple(args.milestones) if args.milestones else None, gamma=args.gamma,
+                   val_per_class=args.val_per_class, joint=_joint_spec(args))
     summary = train(spec, args.method, args.teacher, args.init, overrides, task=args.task)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.endswith("_acc"))
     print(f"{summary['method']} ({summary['task']} task) {summary['arch']} seed {summary['seed']}: {scores}"
@@ -488,7 +493,7 @@ def cmd_table(args) -> int:
     if args.grid or not args.ratios or not args.columns:
         raise ValueError(f"table {args.table}: give --ratios and --columns (--grid is Table H's)")
     path = write_table(args.table, args.summaries, args.ratios, args.columns, args.methods, args.lam,
-                       args.out, args.long, args.markdown)
+                       args.out, args.long, args.markdown, teachers=args.teachers)
     print(f"table {args.table}: {path}")
     return 0
 

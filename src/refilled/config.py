@@ -23,7 +23,7 @@ from refilled.archs import arch_ok
 NUM_CLASSES = {"fashion-mnist": 10, "cifar100": 100, "cub200": 200}
 # Profile keys that set a hyper-parameter of every method declaring it (the grid's values).
 GRID_KEYS = ("lam", "k_hat")
-EXPERIMENTS = ("table1", "table2")
+EXPERIMENTS = ("table1", "table2", "table3")
 
 
 class ConfigError(ValueError):
@@ -124,14 +124,18 @@ def check_semantics(cfg: dict, source: str) -> None:
     exps = cfg["experiments"]
     for name, exp in exps.items():
         n, h = NUM_CLASSES[exp["dataset"]], exp["classes_per_task"]
-        if h > n // 2:
-            problems.append(f"experiments.{name}.classes_per_task: {h} > {n // 2} (half of {exp['dataset']}'s {n} classes)")
+        if h > n:
+            problems.append(f"experiments.{name}.classes_per_task: {h} > {exp['dataset']}'s {n} classes")
             continue
         for i, r in enumerate(exp["ratios"]):
-            if shared_classes(r, h) is None:
+            shared = shared_classes(r, h)
+            if shared is None:
                 valid = ", ".join(fmt(k / h) for k in range(h + 1)) if h <= 10 else f"multiples of 1/{h}"
                 problems.append(f"experiments.{name}.ratios[{i}]: {fmt(r)} does not give a whole number of shared "
                                 f"classes with classes_per_task {h}; valid ratios: {valid}")
+            elif 2 * h - shared > n:   # the split rule's limit (standard KD: h = every class, r = 1)
+                problems.append(f"experiments.{name}.ratios[{i}]: {fmt(r)} with classes_per_task {h} needs "
+                                f"{2 * h - shared} classes, {exp['dataset']} has {n} (h <= {n // 2}, or ratio 1)")
         if len(set(exp["ratios"])) != len(exp["ratios"]):
             problems.append(f"experiments.{name}.ratios: duplicate ratios {exp['ratios']}")
         if len(set(exp["students"])) != len(exp["students"]):

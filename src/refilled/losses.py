@@ -25,11 +25,21 @@ Public API
   weighting, teacher_logits=None, kl_scale="none") -> (loss, lambda_i)``.
 - ``rkd_terms(student_emb, teacher_emb) -> (dist, angle)`` and ``rkd_loss(...)``.
 - ``aml_loss(student_emb, teacher_emb, labels, projection, margin)``.
+
+Standard knowledge distillation (Table 3; teacher and student on the same classes):
+
+- ``kd_loss(student_logits, teacher_logits, T)`` (Hinton et al.).
+- ``at_loss(student_features, teacher_features, p)`` (Zagoruyko & Komodakis).
+- ``fitnet_loss(student_feature, teacher_feature, regressor)`` (Romero et al., hint stage).
+- ``jacobian_loss(inputs, student_logits, teacher_logits, labels)`` (Srinivas & Fleuret).
+- ``overhaul_margins(bn)`` and ``overhaul_partial_l2(student_feature, teacher_feature,
+  margin)`` (Heo et al., ICCV 2019).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 
 import torch
@@ -50,6 +60,12 @@ __all__ = [
     "rkd_terms",
     "rkd_loss",
     "aml_loss",
+    "kd_loss",
+    "at_loss",
+    "fitnet_loss",
+    "jacobian_loss",
+    "overhaul_margins",
+    "overhaul_partial_l2",
 ]
 
 WEIGHTINGS = ("confidence", "true-class", "constant", "none")
@@ -539,28 +555,145 @@ def aml_loss(
 
 
 # --------------------------------------------------------------------------------------
+# Standard knowledge distillation (Table 3)
+# --------------------------------------------------------------------------------------
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
+    """Hinton et al.'s soft-target term: ``T**2 * KL(softmax(t / T) || softmax(s / T))``,
+    summed over classes and averaged over the batch (Zagoruyko & Komodakis's
+    ``utils.distillation``: ``kl_div(..., size_average=False) * T**2 / B``). Teacher
+    detached; the caller adds the cross-entropy with its source's weights."""
+    _check_2d("student_logits", student_logits)
+    _check_2d("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape (same classes)")
+    if T <= 0:
+        raise ValueError(f"T must be positive, got {T}")
+    with _fp32(student_logits.device):
+        log_s = F.log_softmax(student_logits.float() / T, dim=1)
+        with torch.no_grad():
+            log_t = F.log_softmax(teacher_logits.detach().float() / T, dim=1)
+        kl = (log_t.exp() * (log_t - log_s)).sum(dim=1)
+        return T**2 * kl.mean()
+
+
+def _attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
+    """``normalise(mean_c |F_c|**p)`` flattened to ``[B, H*W]`` (Zagoruyko & Komodakis's ``at``;
+    they write ``x.pow(2)``, i.e. p = 2, where |.| changes nothing)."""
+    return F.normalize(feature.float().abs().pow(p).mean(dim=1).flatten(1), p=2, dim=1)
+
+
+def at_loss(student_features, teacher_features, p: float = 2.0) -> torch.Tensor:
+    """Attention transfer: for every stage, the mean over batch and positions of the squared
+    difference of the two attention maps (:func:`_attention_map`), summed over the stages
+    (their ``cifar.py``: ``sum(at_loss(x, y) for x, y in zip(g_s, g_t))``); the caller
+    multiplies by beta. Stage pairs must have the same spatial size; channels may differ."""
+    if len(student_features) != len(teacher_features) or not student_features:
+        raise ValueError(f"at_loss needs as many student as teacher stages (>= 1), got "
+                         f"{len(student_features)} and {len(teacher_features)}")
+    total = None
+    with _fp32(student_features[0].device):
+        for i, (s, t) in enumerate(zip(student_features, teacher_features)):
+            if s.ndim != 4 or s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
+                raise ValueError(f"at_loss stage {i}: student {tuple(s.shape)} and teacher {tuple(t.shape)} "
+                                 "must be [B, C, H, W] with the same B, H, W")
+            with torch.no_grad():
+                a_t = _attention_map(t.detach(), p)
+            term = (_attention_map(s, p) - a_t).pow(2).mean()
+            total = term if total is None else total + term
+    return total
+
+
+def fitnet_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
+                regressor: torch.nn.Module) -> torch.Tensor:
+    """FitNet hint loss (Romero et al., Eq. 3): ``1/2 * ||u_h(x) - r(v_g(x))||**2`` between the
+    teacher's hint ``u_h`` (detached) and the regressor ``r`` applied to the student's guided
+    layer ``v_g``; here averaged over every element (not summed), so that its scale does not
+    grow with the feature map (our choice)."""
+    out = regressor(student_feature)
+    if out.shape != teacher_feature.shape:
+        raise ValueError(f"fitnet_loss: regressor output {tuple(out.shape)} does not match the teacher's hint "
+                         f"{tuple(teacher_feature.shape)}")
+    with _fp32(out.device):
+        return 0.5 * (out.float() - teacher_feature.detach().float()).pow(2).mean()
+
+
+def _class_input_gradient(inputs: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                          create_graph: bool) -> torch.Tensor:
+    """``d logits[i, y_i] / d inputs[i]`` for every i, flattened and L2-normalised ``[B, D]``
+    (the rows are independent: image i's logit depends on image i alone in eval-mode BN;
+    in train mode batch statistics couple them slightly, as in every batched implementation)."""
+    picked = logits.float().gather(1, labels[:, None]).sum()
+    (grad,) = torch.autograd.grad(picked, inputs, create_graph=create_graph)
+    return F.normalize(grad.float().flatten(1), p=2, dim=1)
+
+
+def jacobian_loss(inputs: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  labels: torch.Tensor) -> torch.Tensor:
+    """Jacobian matching (Srinivas & Fleuret, ICML 2018, our reading): the mean over the batch
+    of ``|| g_T / ||g_T|| - g_S / ||g_S|| ||**2`` with ``g = d z_y / d x``, the gradient with
+    respect to the input image of the logit of the true class. ``inputs`` must require grad
+    and both logits must have been computed from it; the student's gradient keeps its graph
+    (a double backward), the teacher's does not."""
+    if not inputs.requires_grad:
+        raise ValueError("jacobian_loss: inputs must require grad (call inputs.requires_grad_() before the forwards)")
+    _check_2d("student_logits", student_logits)
+    _check_2d("teacher_logits", teacher_logits)
+    _check_labels(labels, inputs.shape[0])
+    with _fp32(inputs.device):
+        g_t = _class_input_gradient(inputs, teacher_logits, labels, create_graph=False).detach()
+        g_s = _class_input_gradient(inputs, student_logits, labels, create_graph=True)
+        return (g_s - g_t).pow(2).sum(dim=1).mean()
+
+
+def overhaul_margins(bn: torch.nn.BatchNorm2d) -> torch.Tensor:
+    """Heo et al.'s margin per channel, from the BN before the teacher's ReLU: with the BN's
+    output modelled as Gaussian with mean ``beta`` (bias) and std ``|gamma|`` (weight), the
+    expectation of a negative response ``E[x | x < 0] = m - s * phi(m/s) / Phi(-m/s)``; where
+    ``Phi(-m/s) <= 0.001`` it is ``-3 s`` (their ``get_margin_from_BN``). Shape ``[C]``, fp32."""
+    with torch.no_grad():
+        s = bn.weight.detach().float().abs()
+        m = bn.bias.detach().float()
+        z = -m / s
+        cdf = torch.special.ndtr(z)
+        pdf = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+        safe = cdf > 0.001
+        return torch.where(safe, m - s * pdf / torch.where(safe, cdf, torch.ones_like(cdf)), -3 * s)
+
+
+def overhaul_partial_l2(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
+                        margin: torch.Tensor) -> torch.Tensor:
+    """Heo et al.'s partial L2 (their ``distillation_loss``), summed over every element: the
+    target is the teacher's margin-ReLU ``max(t, margin_c)``; an element counts unless the
+    target is not positive and the student is already below it (``s <= target <= 0``).
+    ``student_feature`` is the connector's output; ``margin``: ``[C]``."""
+    if student_feature.shape != teacher_feature.shape:
+        raise ValueError(f"overhaul_partial_l2: student {tuple(student_feature.shape)} and teacher "
+                         f"{tuple(teacher_feature.shape)} must have the same shape (after the connector)")
+    if margin.shape != (teacher_feature.shape[1],):
+        raise ValueError(f"overhaul_partial_l2: margin {tuple(margin.shape)} must be [C={teacher_feature.shape[1]}]")
+    with _fp32(student_feature.device):
+        s = student_feature.float()
+        with torch.no_grad():
+            target = torch.maximum(teacher_feature.detach().float(), margin.float().view(1, -1, 1, 1))
+        counted = (s > target) | (target > 0)
+        return torch.where(counted, (s - target).pow(2), torch.zeros_like(s)).sum()
+
+
+# --------------------------------------------------------------------------------------
 # Learning without forgetting (Li & Hoiem 2016): the joint head's old-class term
 # --------------------------------------------------------------------------------------
 
 
 def lwf_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 2.0) -> torch.Tensor:
-    """``T² · mean_i KL(softmax(t_i / T) ‖ softmax(s_i / T))`` over the old classes.
+    """``T² · mean_i KL(softmax(t_i / T) ‖ softmax(s_i / T))`` over the old classes: Hinton's
+    term (:func:`kd_loss`) at LwF's temperature T = 2.
 
     ``student_logits`` ``[B, K]``: the joint head's old-class head on the student's
     embedding; ``teacher_logits`` ``[B, K]``: the teacher's own head restricted to the same
-    K classes (C' \\ C), detached here. T = 2 is LwF's temperature. The T² factor is
-    Hinton's gradient-scale correction (our choice [D]: LwF's paper gives the tempered
-    cross-entropy without it): it keeps the term's gradients on the scale of the CE term
-    whatever T is, so `weight` means the same at any T. Computed in fp32."""
-    _check_2d("student_logits", student_logits)
-    _check_2d("teacher_logits", teacher_logits)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape")
-    if T <= 0:
-        raise ValueError(f"T must be positive, got {T}")
-    with _fp32(student_logits.device):
-        logp_t = torch.log_softmax(teacher_logits.detach().float() / T, dim=1)
-        logp_s = torch.log_softmax(student_logits.float() / T, dim=1)
-        kl = (logp_t.exp() * (logp_t - logp_s)).sum(dim=1)
-        return T**2 * kl.mean()
+    K classes (C' \\ C), detached. The T² factor is Hinton's gradient-scale correction (our
+    choice [D]: LwF's paper gives the tempered cross-entropy without it): it keeps the term's
+    gradients on the scale of the CE term whatever T is, so `weight` means the same at any T."""
+    return kd_loss(student_logits, teacher_logits, T)

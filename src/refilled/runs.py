@@ -50,6 +50,7 @@ class RunSpec:
     profile: str = "manual"
     dropout: float = 0.0          # WRN dropout between the two convolutions of every block (authors: 0.3)
     milestones: tuple | None = None   # multistep: fractions of the epochs (None: OptimConfig's 0.5, 0.7, 0.9)
+    gamma: float = 0.2                # multistep: the factor at each milestone
     val_per_class: int | None = None  # held-out training images per class that select an epoch (reported beside the final)
     joint: "JointSpec | None" = None  # a second head over the teacher's other classes (Table H); None: a plain run
 
@@ -176,7 +177,7 @@ class Context:
         metrics), write summary.json; a finished run with this configuration is returned as is."""
         spec = self.spec
         cfg = OptimConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-                          weight_decay=spec.weight_decay, schedule=spec.schedule,
+                          weight_decay=spec.weight_decay, schedule=spec.schedule, gamma=spec.gamma,
                           eval_every=1 if self.val is not None else spec.eval_every,   # selection needs every epoch
                           **({"milestones": tuple(spec.milestones)} if spec.milestones else {}),
                           extra={"method": method_name, "task": self.task, "arch": spec.arch, "split": self.split,
@@ -197,7 +198,8 @@ class Context:
             "split": {"path": str(spec.split), **self.split}, "seed": spec.seed, "epochs": spec.epochs,
             "dropout": spec.dropout,
             "optim": {"batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                      "schedule": cfg.schedule, "milestones": list(cfg.milestones)},
+                      "schedule": cfg.schedule, "milestones": list(cfg.milestones),
+                      "gamma": cfg.gamma},
             "data": {"root": str(spec.data_root), "per_class": spec.per_class, "train": self.train.split.describe(),
                      "test": self.test.split.describe()},
             "profile": spec.profile, "seconds": round(time.time() - began, 1), **environment(self.device),

@@ -4,7 +4,7 @@ docs/refilled-supplement.txt; tests/test_supplement.py checks every cell against
 One row per cell: table ("1".."4"), ratio (as in our paths: 0, 0.25, 1), student (our
 architecture names), method (catalog names; Table 4: stage1), k_hat (Table 4 only) and
 value (accuracy in %, as printed). Table 3 is standard KD: teacher and student on the same
-classes, ratio 1.
+classes, ratio 1; its REFILLED row is our `refilled-std` (the CVPR code's standard-KD settings).
 """
 
 from __future__ import annotations

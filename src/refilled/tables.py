@@ -6,6 +6,8 @@ the student architectures as columns, cells "mean ± std" of the final-epoch tes
 in percent over seeds (sample std, n - 1; "n/a" with one seed). Table 4: overlap ratios
 as rows, K-hat as columns, NCM accuracy after stage 1. Each table is written three ways:
 the wide CSV, a long CSV (one row per run, with the path of its summary) and Markdown.
+Table 3 (standard KD, teacher and student on every class) is Tables 1/2's shape for its one
+ratio, the teacher's own test accuracy (mean ± std over its seeds) in the caption.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _record(path: Path, table: str) -> dict:
         return {"ratio": ratio, "column": _k_hat_key(s["params"].get("k_hat")), "row": ratio, "arch": s["arch"],
                 "seed": s["seed"], "value": 100.0 * s["ncm_acc"], "summary": str(path), **_val_selected(s)}
     if scored_by != "test_acc" or s.get("task") != "student":
-        raise TableError(f"{path}: Tables 1/2 need student runs of methods scored by test accuracy "
+        raise TableError(f"{path}: Tables 1-3 need student runs of methods scored by test accuracy "
                          f"({', '.join(e for e in CATALOG if CATALOG[e].scored_by == 'test_acc')}); "
                          f"this is {method} on the {s.get('task')} task")
     return {"ratio": ratio, "column": s["arch"], "row": s["method"], "arch": s["arch"], "seed": s["seed"],
@@ -130,9 +132,34 @@ def _cell(cells: dict, key) -> str:
     return cell(cells[key]) if key in cells else NOT_APPLICABLE
 
 
+def teacher_caption(teachers: list[Path] | None) -> str:
+    """'Teacher wrn-28-4: 78.91 ± 0.20 % (2 seeds)' from the teacher runs' summaries."""
+    if not teachers:
+        raise TableError("table 3: give the teacher runs' summaries (--teachers); the caption reports their accuracy")
+    records = []
+    for path in teachers:
+        try:
+            s = read_json(path)
+        except FileNotFoundError:
+            raise TableError(f"{path}: no such teacher summary (did the teacher run finish?)") from None
+        if s.get("task") != "teacher":
+            raise TableError(f"{path}: not a teacher run (task {s.get('task')!r})")
+        records.append(s)
+    archs = sorted({s["arch"] for s in records})
+    seeds = sorted(s["seed"] for s in records)
+    if len(set(seeds)) != len(seeds):
+        raise TableError(f"table 3: two teacher summaries for one seed ({seeds})")
+    return (f"Teacher {', '.join(archs)}: {cell([100.0 * s['test_acc'] for s in records])} % test accuracy "
+            f"({len(records)} seed{'s' if len(records) > 1 else ''})")
+
+
 def write_table(table: str, summaries: list[Path], ratios: list[float], columns: list[str],
-                methods: list[str] | None, lam: float | None, out: Path, long_out: Path, md_out: Path) -> Path:
+                methods: list[str] | None, lam: float | None, out: Path, long_out: Path, md_out: Path,
+                teachers: list[Path] | None = None) -> Path:
     table = str(table)
+    caption = teacher_caption(teachers) if table == "3" else ""
+    if table == "3" and len(ratios) != 1:
+        raise TableError(f"table 3 has one overlap ratio (standard KD: 1), got {ratios}")
     records, cells = collect(table, summaries, ratios, columns, methods, lam)
     ratios_k = [_ratio_key(r) for r in ratios]
     md = []
@@ -157,9 +184,12 @@ def write_table(table: str, summaries: list[Path], ratios: list[float], columns:
         wide = [{"ratio": r, "method": CATALOG[m].label, **{c: _cell(cells, (r, m, c)) for c in columns}}
                 for r in ratios_k for m in rows]
         what = "test accuracy (%) at the final epoch, mean ± std over seeds"
+        if table == "3":
+            what = f"Standard knowledge distillation: {what}. {caption}"
         md.append(f"**Table {table}.** {what}.\n")
         for r in ratios_k:
-            md.append(f"\n**Overlap ratio = {float(r) * 100:g}%**\n")
+            if table != "3":
+                md.append(f"\n**Overlap ratio = {float(r) * 100:g}%**\n")
             md.append("| method | " + " | ".join(columns) + " |")
             md.append("|---" * (len(columns) + 1) + "|")
             for m in rows:

@@ -61,6 +61,8 @@ class OptimConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.schedule not in ("multistep", "cosine"):
             raise ValueError(f"schedule must be 'multistep' or 'cosine', got {self.schedule!r}")
 

@@ -11,7 +11,7 @@ from snakemake.exceptions import WorkflowError
 BASE = Path(workflow.basedir)
 sys.path.insert(0, f"{BASE}/src")
 from refilled.archs import ARCH_PATTERN  # noqa: E402
-from refilled.config import ConfigError, fmt, gain_experiment, k_hat_value, load_profile, method_values  # noqa: E402
+from refilled.config import NUM_CLASSES, ConfigError, fmt, gain_experiment, k_hat_value, load_profile, method_values  # noqa: E402
 from refilled.methods import CATALOG  # noqa: E402
 from refilled.methods.catalog import TEACHER_METHOD  # noqa: E402
 from refilled.pin import count_gpus  # noqa: E402
@@ -66,6 +66,13 @@ def split_file(exp, ratio, seed):
     e = EXPS[exp]
     order = e.get("class_order", "seeded")
     return f"data/splits/{e['dataset']}/{order}/h{e['classes_per_task']}/r{fmt(ratio)}/seed{seed}.json"
+
+
+def teacher_ratio(exp):
+    """The ratio of the split a teacher trains on: 0 (its classes are the same at every ratio),
+    or 1 where h is more than half the classes (standard KD, Table 3: r = 1 is the only split)."""
+    e = EXPS[exp]
+    return 0 if 2 * e["classes_per_task"] <= NUM_CLASSES[e["dataset"]] else 1
 
 
 def raw_data_inputs(wc):
@@ -165,6 +172,7 @@ def common_args(exp, run=None, recipe=None):
             + (f"--milestones {' '.join(fmt(m) for m in milestones)} " if milestones else "")
             + (f"--val-per-class {EXPS[exp]['val_per_class']} " if recipe is EXPS[exp] and EXPS[exp].get("val_per_class")
                else "")
+            + (f"--gamma {fmt(recipe['gamma'])} " if "gamma" in recipe else "")
             + f"--eval-every {every} --device {P['device']} --profile {PROFILE}")
 
 
@@ -246,13 +254,13 @@ def table_rule_params(exp):
 
 
 def reproduction_tables():
-    """(dataset, students comma-separated) of our Tables 1, 2 and 4, for `refilled reproduction`."""
+    """(table, dataset, students comma-separated) of our Tables 1-4, for `refilled reproduction`."""
     t4 = P["table4"]
-    return [(EXPS[e]["dataset"], ",".join(EXPS[e]["students"])) for e in ("table1", "table2")] + \
-        [(EXPS[t4["experiment"]]["dataset"], t4["arch"])]
+    return [(e[-1], EXPS[e]["dataset"], ",".join(EXPS[e]["students"])) for e in ("table1", "table2", "table3")] + \
+        [("4", EXPS[t4["experiment"]]["dataset"], t4["arch"])]
 
 
-TABLES = [f"results/table{t}{suffix}" for t in (1, 2, 4, "_h") for suffix in (".csv", "_long.csv", ".md")] + \
+TABLES = [f"results/table{t}{suffix}" for t in (1, 2, 3, 4, "_h") for suffix in (".csv", "_long.csv", ".md")] + \
     ["results/reproduction.csv", "results/reproduction.md"]
 FIGURES = [f"figures/{name}.{ext}" for name in ("figure1_convergence", "figure2_lambda_sweep", "figure3_lambda_hist")
            for ext in ("png", "pdf")]

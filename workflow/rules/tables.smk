@@ -45,6 +45,29 @@ rule table2:
         "--methods {params.methods} --lam {params.lam} --out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
 
 
+rule table3:
+    input:
+        runs=summaries(table_runs("table3")),
+        teachers=[f"{teacher_dir('table3', s)}/summary.json" for s in SEEDS],
+    output:
+        csv=report("results/table3.csv", caption="../report/table3.rst", category="Tables"),
+        long="results/table3_long.csv",
+        md="results/table3.md",
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/table3.log",
+    benchmark:
+        f"{BENCH}/table3.tsv"
+    params:
+        refilled=REFILLED,
+        **table_rule_params("table3"),
+    shell:
+        "{params.refilled} table --table 3 --summaries {input.runs} --teachers {input.teachers} --ratios {params.ratios} "
+        "--columns {params.columns} --methods {params.methods} --out {output.csv} --long {output.long} "
+        "--markdown {output.md} > {log} 2>&1"
+
+
 rule table4:
     input:
         summaries(table4_runs()),
@@ -69,7 +92,7 @@ rule table4:
 
 rule reproduction:
     input:
-        tables=[f"results/table{t}_long.csv" for t in (1, 2, 4)],
+        tables=[f"results/table{t}_long.csv" for t, _, _ in reproduction_tables()],
     output:
         csv=report("results/reproduction.csv", caption="../report/reproduction.rst", category="Tables"),
         md="results/reproduction.md",
@@ -79,8 +102,8 @@ rule reproduction:
         f"{LOGS}/reproduction.log",
     params:
         refilled=REFILLED,
-        tables=lambda wc, input: " ".join(f"--table {n} {t} {d} {s}" for n, t, (d, s) in
-                                          zip((1, 2, 4), input.tables, reproduction_tables())),
+        tables=lambda wc, input: " ".join(f"--table {n} {path} {d} {s}" for path, (n, d, s) in
+                                          zip(input.tables, reproduction_tables())),
     shell:
         "{params.refilled} reproduction {params.tables} --out {output.csv} --markdown {output.md} > {log} 2>&1"
 # Table H (supplement §2): the joint-head runs and the training-free references of the

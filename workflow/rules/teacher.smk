@@ -1,10 +1,10 @@
 # Stage: teacher. One teacher per (experiment, seed), trained on the teacher classes; it
-# serves every overlap ratio of that seed.
+# serves every overlap ratio of that seed (its split: teacher_ratio in common.smk).
 
 
 rule teacher:
     input:
-        split=lambda wc: split_file(wc.exp, 0, wc.seed),
+        split=lambda wc: split_file(wc.exp, teacher_ratio(wc.exp), wc.seed),
         data=lambda wc: data_ready(wc.exp),
     output:
         **{f.split(".")[0]: f"{RUNS}/{TEACHER_RUN}/{f}" for f in RUN_FILES},

@@ -124,9 +124,12 @@ def make_split(dataset: str, ratio: float, seed: int, classes_per_task: int | No
         raise SplitError(f"unknown class_order {class_order!r}; known: {', '.join(CLASS_ORDERS)}")
     n = NUM_CLASSES[dataset]
     h = n // 2 if classes_per_task is None else classes_per_task
-    if not 1 <= h <= n // 2:
-        raise SplitError(f"classes_per_task {h} must be between 1 and {n // 2} for {dataset} ({n} classes)")
+    if not 1 <= h <= n:
+        raise SplitError(f"classes_per_task {h} must be between 1 and {n} for {dataset} ({n} classes)")
     shared = shared_class_count(ratio, h)
+    if 2 * h - shared > n:   # h = n with r = 1 is standard KD (Table 3): both tasks are every class
+        raise SplitError(f"classes_per_task {h} at ratio {ratio:g}: teacher and student together need "
+                         f"{2 * h - shared} classes, {dataset} has {n} (h <= {n // 2} for every ratio, or r = 1)")
     pi = authors_class_order(dataset) if class_order == "authors" else class_permutation(n, seed)
     return {
         "dataset": dataset,

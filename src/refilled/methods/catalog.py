@@ -118,6 +118,22 @@ CATALOG: dict[str, Entry] = {e.name: e for e in (
           preset={"weighting": "constant"}, path={"lam": "lam"}, bench=False, alias="train-stage2"),
     Entry("refilled", "refilled.methods.stage2:LocalDistillation", "REFILLED", starts_from="stage1",
           path={"lam": "lam"}, alias="train-stage2"),
+    # Table 3, standard KD (teacher and student on the same classes); not rows of Tables 1 and 2.
+    Entry("kd", "refilled.methods.kd:KD", "KD", applies_to="same-classes", in_tables=False),
+    Entry("fitnet-hint", "refilled.methods.fitnet:FitNetHint", "FitNet hint stage", scored_by="ncm_acc",
+          in_tables=False, epochs="stage1_epochs", bench=False),
+    Entry("fitnet", "refilled.methods.kd:KD", "FitNet", starts_from="fitnet-hint", applies_to="same-classes",
+          in_tables=False, bench=False),
+    Entry("at", "refilled.methods.at:AT", "AT", in_tables=False),
+    Entry("jacobian", "refilled.methods.jacobian:JacobianMatching", "Jacobian", applies_to="same-classes",
+          in_tables=False),
+    Entry("overhaul", "refilled.methods.overhaul:Overhaul", "Overhaul", in_tables=False),
+    # REFILLED with the authors' CVPR code's standard-KD stage 2 (GitHub njulus/REFILLED, main.py
+    # defaults): lambda = 100 on every instance, tau2 = 2 on both local classifiers, global centres
+    Entry("refilled-std", "refilled.methods.stage2:LocalDistillation", "REFILLED", starts_from="stage1",
+          applies_to="same-classes", in_tables=False,
+          preset={"weighting": "constant", "lam": 100.0, "tau": 2.0, "centers": "fixed", "kl_scale": "none"},
+          bench=False),
 )}
 
 # The method that trains a teacher on its own classes (`refilled train --task teacher`), and

@@ -47,6 +47,11 @@ class JointHead(Method):
         self._embedding = None
         method.student.register_forward_hook(self._keep_embedding)
 
+    def train(self, mode: bool = True):
+        super().train(mode)      # the base class puts the teacher in eval mode ...
+        self.inner.train(mode)   # ... but the method decides its teacher's mode (Overhaul: BN batch statistics)
+        return self
+
     def _keep_embedding(self, module, inputs, output):
         self._embedding = output.embedding
 

@@ -32,7 +32,8 @@ class MobileNetV1(nn.Module):
     stem conv + 64-block, the two 128-blocks, the two 256-blocks, the six 512-blocks and the
     two 1024-blocks. ``features`` holds, for each stage, the BatchNorm output of its last
     pointwise conv, i.e. the stage output before its final ReLU. The fifth is the tensor
-    whose ReLU is pooled into the embedding.
+    whose ReLU is pooled into the embedding. These are also ``pre_relu`` (the outputs of
+    ``bn_before_relu()``, each stage's last BN).
     """
 
     def __init__(self, alpha: float, num_classes: int):
@@ -56,6 +57,9 @@ class MobileNetV1(nn.Module):
         self.num_classes = num_classes
         init_weights(self)
 
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        return [stage[-1] for stage in self.stages]
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         features = []
         for stage in self.stages:
@@ -63,4 +67,4 @@ class MobileNetV1(nn.Module):
             features.append(x)
             x = F.relu(x)
         embedding = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return ModelOutput(self.head(embedding), embedding, tuple(features))
+        return ModelOutput(self.head(embedding), embedding, tuple(features), tuple(features))

@@ -14,13 +14,16 @@ class ModelOutput(NamedTuple):
     logits: (B, num_classes).
     embedding: (B, embedding_dim), the globally average-pooled post-BN-ReLU features fed to
         ``head``; this is phi(x) for the relationship-matching losses.
-    features: per-stage pre-ReLU feature maps (B, C_i, H_i, W_i), shallow to deep, for
-        FitNet / attention transfer / Overhaul; see each model's docstring for which tensors.
+    features: per-stage feature maps (B, C_i, H_i, W_i), shallow to deep, the stage outputs
+        FitNet and attention transfer read; see each model's docstring for which tensors.
+    pre_relu: per-stage outputs of the BN before the next ReLU (Overhaul's "pre-ReLU"
+        features; the BNs are ``model.bn_before_relu()``, same order).
     """
 
     logits: torch.Tensor
     embedding: torch.Tensor
     features: tuple[torch.Tensor, ...]
+    pre_relu: tuple[torch.Tensor, ...] = ()
 
 
 def init_weights(model: nn.Module) -> None:
@@ -45,7 +48,7 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, out_planes: int, stride: int, dropout: float = 0.0):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.relu1 = nn.ReLU()   # not in place: bn1's output may be a returned pre-ReLU feature
         self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.relu2 = nn.ReLU(inplace=True)
@@ -54,8 +57,10 @@ class BasicBlock(nn.Module):
         same_shape = in_planes == out_planes and stride == 1
         self.shortcut = None if same_shape else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.relu1(self.bn1(x))
+    def forward(self, x: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
+        """``normed``: ``bn1(x)`` when the caller already computed it (the network's pre-ReLU
+        feature), so that the BN runs once (its running statistics move once per batch)."""
+        act = self.relu1(self.bn1(x) if normed is None else normed)
         out = self.relu2(self.bn2(self.conv1(act)))
         if self.dropout is not None:
             out = self.dropout(out)
@@ -69,7 +74,10 @@ class WideResNet(nn.Module):
 
     ``features`` holds the raw outputs of the three groups (16w, 32w, 64w channels at
     strides 1, 2, 4 relative to the input), i.e. the residual sums before the next
-    block's BN-ReLU; the third is the tensor before the final BN-ReLU.
+    block's BN-ReLU; the third is the tensor before the final BN-ReLU. ``pre_relu`` holds
+    those BNs' outputs (the next group's first ``bn1``, then the final ``bn``), what
+    Overhaul's ``extract_feature(preReLU=True)`` returns for its WRN; computed once and
+    fed on to the next block.
 
     ``dropout``: rate of the dropout between the two convolutions of every block (the
     authors use 0.3); 0 (default) builds the network without dropout.
@@ -92,19 +100,26 @@ class WideResNet(nn.Module):
             for i, stride in enumerate((1, 2, 2))
         )
         self.bn = nn.BatchNorm2d(channels[3])
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
         self.head = nn.Linear(channels[3], num_classes)
         self.depth, self.width, self.dropout_rate = depth, width, float(dropout)
         self.embedding_dim = channels[3]
         self.num_classes = num_classes
         init_weights(self)
 
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """The BN before the ReLU after each group (Overhaul's ``get_bn_before_relu``)."""
+        return [self.groups[1][0].bn1, self.groups[2][0].bn1, self.bn]
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         x = self.conv1(x)
-        features = []
-        for group in self.groups:
-            x = group(x)
+        features, pre_relu = [], []
+        for group, bn in zip(self.groups, self.bn_before_relu()):
+            normed = pre_relu[-1] if pre_relu else None
+            for j, block in enumerate(group):
+                x = block(x, normed) if j == 0 else block(x)
             features.append(x)
-        x = self.relu(self.bn(x))
+            pre_relu.append(bn(x))
+        x = self.relu(pre_relu[-1])
         embedding = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return ModelOutput(self.head(embedding), embedding, tuple(features))
+        return ModelOutput(self.head(embedding), embedding, tuple(features), tuple(pre_relu))
