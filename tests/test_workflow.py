@@ -750,17 +750,18 @@ def test_smoke_claims_target_traces_every_comparison_to_the_tables(smoke_clone):
         assert float(r["mean"]) == pytest.approx(want, abs=1e-3)
         assert r["verdict"] == "inconclusive" and r["ci_low"] == ""       # one seed: no interval
     assert {r["claim"] for r in rows} == set("abcde")
-    g = cfg["gain_vs_data"]
+    sweep = cfg["gain_vs_data"]
     gain = _read(repo / "results/gain_vs_data.csv")
     for row in gain:
         if row["quantity"] == "refilled - student":
-            run = f"results/runs/smoke/students/gain_n{row['per_class']}/r{row['ratio']}/{g['arch']}/seed0"
-            s = {m: json.loads((repo / run / m / "summary.json").read_text()) for m in ("student", "refilled")}
+            run = f"results/runs/smoke/students/gain_n{row['per_class']}/r{row['ratio']}/{sweep['arch']}/seed0"
+            dirs = {"student": "student", "refilled": f"refilled_lam{g(cfg['lam'])}"}   # REFILLED's path spells lambda
+            s = {m: json.loads((repo / run / d / "summary.json").read_text()) for m, d in dirs.items()}
             assert s["student"]["data"]["per_class"] == int(row["per_class"])
             assert float(row["mean"]) == pytest.approx(100 * (s["refilled"]["test_acc"] - s["student"]["test_acc"]),
                                                        abs=1e-3)
             assert s["refilled"]["params"]["teacher"].endswith("teachers/table2/seed0/model.pt")
-    assert {int(r["per_class"]) for r in gain} == set(g["per_class"])
+    assert {int(r["per_class"]) for r in gain} == set(sweep["per_class"])
     assert (repo / "figures/gain_vs_data.png").stat().st_size > 10_000
     snakemake(["claims", "--report", "claims.html"], snakefile=repo / "Snakefile", workdir=repo, timeout=600)
     html = (repo / "claims.html").read_text(errors="replace")
