@@ -109,18 +109,25 @@ def collect(table: str, summaries: Iterable[Path], ratios: list[float], columns:
         records.append(rec)
     keys = [(r, r, c) for r in ratios_k for c in columns] if table == "4" else \
         [(r, m, c) for r in ratios_k for m in rows for c in columns if applies(m, r)]
-    missing = [k for k in keys if k not in cells]
-    if missing:
-        raise TableError(f"table {table}: no runs for {len(missing)} cell(s), e.g. {missing[:3]}")
     seeds = {}
     for rec in records:
         seeds.setdefault((rec["ratio"], rec["row"], rec["column"]), set()).add(rec["seed"])
+    check_complete(table, seeds, keys)
+    return records, cells
+
+
+def check_complete(table: str, seeds: dict, keys: list) -> set:
+    """Every cell of `keys` has runs, and every cell the same seeds; `seeds`: {cell: {seed, ...}}.
+    Returns the seeds."""
+    missing = [k for k in keys if k not in seeds]
+    if missing:
+        raise TableError(f"table {table}: no runs for {len(missing)} cell(s), e.g. {missing[:3]}")
     every = set().union(*seeds.values())
     uneven = [(k, sorted(every - v)) for k, v in seeds.items() if v != every]
     if uneven:
         raise TableError(f"table {table}: every cell needs the same seeds {sorted(every)}; "
                          f"{len(uneven)} cell(s) lack some, e.g. {uneven[:3]}")
-    return records, cells
+    return every
 
 
 def applies(method: str, ratio) -> bool:
@@ -304,14 +311,7 @@ def write_table_h(summaries: list[Path], grid: list[tuple[str, list[float], list
         cells.setdefault(key, []).append(rec)
         records.append(rec)
     keys = [(e, r, m, a) for e, (ratios_k, archs) in grid_k.items() for r in ratios_k for m in rows for a in archs]
-    missing = [k for k in keys if k not in cells]
-    if missing:
-        raise TableError(f"table h: no runs for {len(missing)} cell(s), e.g. {missing[:3]}")
-    every = {r["seed"] for r in records}
-    uneven = [k for k, recs in cells.items() if {r["seed"] for r in recs} != every]
-    if uneven:
-        raise TableError(f"table h: every cell needs the same seeds {sorted(every)}; {len(uneven)} cell(s) lack "
-                         f"some, e.g. {uneven[:3]}")
+    every = check_complete("h", {k: {r["seed"] for r in recs} for k, recs in cells.items()}, keys)
     label = lambda m: REFERENCE_LABEL if m == REFERENCE else f"{CATALOG[m].label} + joint head"
     archs_all = list(dict.fromkeys(a for _, archs in grid_k.values() for a in archs))
     wide = [{"experiment": e, "ratio": r, "method": label(m),

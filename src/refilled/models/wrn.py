@@ -48,7 +48,7 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, out_planes: int, stride: int, dropout: float = 0.0):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
-        self.relu1 = nn.ReLU()   # not in place: bn1's output may be a returned pre-ReLU feature
+        self.relu1 = nn.ReLU(inplace=True)
         self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.relu2 = nn.ReLU(inplace=True)
@@ -60,7 +60,8 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
         """``normed``: ``bn1(x)`` when the caller already computed it (the network's pre-ReLU
         feature), so that the BN runs once (its running statistics move once per batch)."""
-        act = self.relu1(self.bn1(x) if normed is None else normed)
+        # a given `normed` is also returned as a pre-ReLU feature: not overwritten in place
+        act = self.relu1(self.bn1(x)) if normed is None else F.relu(normed)
         out = self.relu2(self.bn2(self.conv1(act)))
         if self.dropout is not None:
             out = self.dropout(out)
