@@ -13,7 +13,6 @@ A claim holds if all its comparisons hold, fails if any fails, and is inconclusi
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from dataclasses import dataclass
@@ -85,20 +84,12 @@ class Comparison:
 
 
 def read_rows(path: Path) -> list[dict]:
+    from refilled.tables import read_csv
+
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
+        return read_csv(path)
     except FileNotFoundError:
         raise ClaimsError(f"{path}: no such file") from None
-
-
-def by_seed(rows: list[dict], value: str, **match) -> dict[int, list[float]]:
-    """{seed: [value of each matching row]} (one per student)."""
-    out: dict[int, list[float]] = {}
-    for r in rows:
-        if all(str(r[k]) == str(v) for k, v in match.items()):
-            out.setdefault(int(r["seed"]), []).append(float(r[value]))
-    return out
 
 
 def paired(rows: list[dict], value: str, key: str, a: str, b: str, where: str, **match) -> dict[int, float]:
