@@ -13,7 +13,7 @@ import pytest
 
 from refilled import claims
 from refilled.cli import main
-from refilled.config import ConfigError, gain_experiment, load_profile
+from refilled.config import ConfigError, gain_experiment, gain_points, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 T975 = {2: 4.302653, 4: 2.776445}   # Student-t 97.5% quantiles (df 2, 4), from printed tables
@@ -174,11 +174,29 @@ def test_gain_vs_data_pairs_per_seed_and_draws_the_figure(tmp_path, capsys):
 def test_profiles_expand_the_sweep_into_experiments_sharing_the_teacher():
     cfg = load_profile(ROOT, "claims")
     g = cfg["gain_vs_data"]
-    for n in g["per_class"]:
-        e = cfg["experiments"][gain_experiment(n)]
+    base = cfg["experiments"][g["experiment"]]
+    points = gain_points(cfg)
+    assert sorted(points) == sorted(g["per_class"])
+    for n, exp in points.items():
+        if n == base["per_class"]:      # the base experiment's own runs are that point: not trained twice
+            assert exp == g["experiment"] and gain_experiment(n) not in cfg["experiments"]
+            continue
+        e = cfg["experiments"][exp]
+        assert exp == gain_experiment(n)
         assert e["per_class"] == n and e["students"] == [g["arch"]] and e["teacher_of"] == g["experiment"]
-        assert e["teacher"] == cfg["experiments"][g["experiment"]]["teacher"]
-    assert len(cfg["seeds"]) >= 5
+        assert e["teacher"] == base["teacher"]
+    assert base["per_class"] in points and len(cfg["seeds"]) >= 5
+
+
+def test_a_sweep_point_the_base_does_not_cover_gets_its_own_experiment():
+    cfg = load_profile(ROOT, "claims")
+    base = cfg["experiments"][cfg["gain_vs_data"]["experiment"]]
+    n = base["per_class"]
+    # a ratio the base does not train: the point at the base's per_class is its own experiment
+    wider = {**cfg, "gain_vs_data": {**cfg["gain_vs_data"], "ratios": [*base["ratios"], 0.55]}}
+    assert gain_points(wider)[n] == gain_experiment(n)
+    other_arch = {**cfg, "gain_vs_data": {**cfg["gain_vs_data"], "arch": "wrn-40-2"}}
+    assert gain_points(other_arch)[n] == gain_experiment(n)
 
 
 def test_a_sweep_beyond_the_data_pool_is_refused(tmp_path):

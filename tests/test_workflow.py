@@ -732,8 +732,8 @@ def test_smoke_reproduction_report_orders_our_table_means(smoke_clone):
 def test_smoke_claims_target_traces_every_comparison_to_the_tables(smoke_clone):
     """`snakemake claims`: each claim-(a) comparison is the per-seed difference of two rows of
     Table 2's long CSV (themselves traced to summaries); the gain-vs-data rows are the sweep's
-    own runs (experiments gain_n<N>, one per images-per-class point, sharing Table 2's teacher);
-    the report shows the claims in their own category."""
+    own runs (experiments gain_n<N>, one per images-per-class point, sharing Table 2's teacher),
+    or Table 2's own runs at its per_class (smoke: 8), not trained twice; the report shows the claims in their own category."""
     repo = smoke_clone["repo"]
     cfg = profile("smoke")
     snakemake(["claims", "--cores", "2"], snakefile=repo / "Snakefile", workdir=repo, timeout=900)
@@ -750,11 +750,16 @@ def test_smoke_claims_target_traces_every_comparison_to_the_tables(smoke_clone):
         assert float(r["mean"]) == pytest.approx(want, abs=1e-3)
         assert r["verdict"] == "inconclusive" and r["ci_low"] == ""       # one seed: no interval
     assert {r["claim"] for r in rows} == set("abcde")
+    sys.path.insert(0, str(ROOT / "src"))
+    from refilled.config import gain_points
+
     sweep = cfg["gain_vs_data"]
+    points = gain_points(cfg)
+    assert points[cfg["experiments"]["table2"]["per_class"]] == "table2"
     gain = _read(repo / "results/gain_vs_data.csv")
     for row in gain:
         if row["quantity"] == "refilled - student":
-            run = f"results/runs/smoke/students/gain_n{row['per_class']}/r{row['ratio']}/{sweep['arch']}/seed0"
+            run = f"results/runs/smoke/students/{points[int(row['per_class'])]}/r{row['ratio']}/{sweep['arch']}/seed0"
             dirs = {"student": "student", "refilled": f"refilled_lam{g(cfg['lam'])}"}   # REFILLED's path spells lambda
             s = {m: json.loads((repo / run / d / "summary.json").read_text()) for m, d in dirs.items()}
             assert s["student"]["data"]["per_class"] == int(row["per_class"])

@@ -244,17 +244,31 @@ def gain_experiment(n: int) -> str:
     return f"gain_n{n}"
 
 
+def gain_points(cfg: dict) -> dict[int, str]:
+    """per_class -> the experiment whose runs are that point of the `gain_vs_data` sweep: the
+    base experiment itself where it already trains the point (same per_class and the sweep's
+    ratios, student and methods: the same runs, not trained twice), else gain_n<N>."""
+    gain = cfg.get("gain_vs_data")
+    if not gain:
+        return {}
+    base = cfg["experiments"][gain["experiment"]]
+    covers = (set(map(float, gain["ratios"])) <= set(map(float, base["ratios"])) and gain["arch"] in base["students"]
+              and (not base.get("methods") or set(gain["methods"]) <= set(base["methods"])))
+    return {n: gain["experiment"] if covers and n == base["per_class"] else gain_experiment(n)
+            for n in gain["per_class"]}
+
+
 def expand_gain_sweep(cfg: dict) -> dict:
-    """Each point of `gain_vs_data` as an experiment gain_n<N>: its base experiment with
-    per_class N, the sweep's ratios, student and methods, and `teacher_of` naming the base
-    whose teacher (and splits) it shares."""
+    """Each point of `gain_vs_data` that its base experiment does not train (gain_points) as an
+    experiment gain_n<N>: the base with per_class N, the sweep's ratios, student and methods, and
+    `teacher_of` naming the base whose teacher (and splits) it shares."""
     gain = cfg.get("gain_vs_data")
     if not gain:
         return cfg
     base = cfg["experiments"][gain["experiment"]]
-    points = {gain_experiment(n): {**base, "per_class": n, "ratios": list(gain["ratios"]), "students": [gain["arch"]],
-                                   "methods": list(gain["methods"]), "teacher_of": gain["experiment"]}
-              for n in gain["per_class"]}
+    points = {exp: {**base, "per_class": n, "ratios": list(gain["ratios"]), "students": [gain["arch"]],
+                    "methods": list(gain["methods"]), "teacher_of": gain["experiment"]}
+              for n, exp in gain_points(cfg).items() if exp != gain["experiment"]}
     return {**cfg, "experiments": {**cfg["experiments"], **points}}
 
 

@@ -11,7 +11,7 @@ from snakemake.exceptions import WorkflowError
 BASE = Path(workflow.basedir)
 sys.path.insert(0, f"{BASE}/src")
 from refilled.archs import ARCH_PATTERN  # noqa: E402
-from refilled.config import NUM_CLASSES, ConfigError, fmt, gain_experiment, k_hat_value, load_profile, method_values  # noqa: E402
+from refilled.config import NUM_CLASSES, ConfigError, fmt, gain_points, k_hat_value, load_profile, method_values  # noqa: E402
 from refilled.methods import CATALOG  # noqa: E402
 from refilled.methods.catalog import TEACHER_METHOD  # noqa: E402
 from refilled.pin import count_gpus  # noqa: E402
@@ -213,15 +213,14 @@ def figure3_runs():
 # ---- the claims (claims.smk) ----
 def gain_runs():
     g = P.get("gain_vs_data")
-    return [d for n in g["per_class"] for d in table_runs(gain_experiment(n))] if g else []
+    return [run_dir(exp, r, g["arch"], s, m) for exp in gain_points(P).values() for r in g["ratios"]
+            for m in g["methods"] if applies(m, r) for s in SEEDS] if g else []
 
 
 def teacher_ncm_files():
     g = P.get("gain_vs_data")
-    if not g:
-        return []
-    return [f"{RUNS}/teacher_ncm/{gain_experiment(n)}/r{fmt(r)}/seed{s}.json"
-            for n in g["per_class"] for r in g["ratios"] for s in SEEDS]
+    return [f"{RUNS}/teacher_ncm/{exp}/r{fmt(r)}/seed{s}.json"
+            for exp in gain_points(P).values() for r in g["ratios"] for s in SEEDS] if g else []
 
 
 def claims_inputs(wc):
