@@ -262,3 +262,40 @@ def test_reproduction_orderings_on_another_dataset(tmp_path):
                                                                [supplement.value(2, "0", "wrn-40-2", m) for m in methods]),
                                                  abs=1e-3)
     assert list(csv.DictReader(open(tmp_path / "r.csv", encoding="utf-8")))[0]["comparison"] == "ordering"
+
+
+@pytest.mark.parametrize("table,teacher,student,paper", [
+    # the paper's own students map onto themselves
+    *[("2", "wrn-40-2", a, a) for a in ("wrn-40-2", "wrn-16-2", "wrn-40-1", "wrn-16-1")],
+    *[("3", "wrn-28-4", a, a) for a in ("wrn-16-4", "wrn-28-2", "wrn-16-2")],
+    # CPU size: the same deeper/shallower, wider/thinner relation to the teacher
+    ("2", "wrn-16-2", "wrn-10-2", "wrn-16-2"), ("2", "wrn-16-2", "wrn-16-1", "wrn-40-1"),
+    ("2", "wrn-16-2", "wrn-10-1", "wrn-16-1"), ("3", "wrn-16-2", "wrn-16-1", "wrn-28-2"),
+    ("3", "wrn-16-2", "wrn-10-1", "wrn-16-2"), ("3", "wrn-16-2", "wrn-10-2", "wrn-16-4"),
+    ("1", "mobilenet-1.0", "mobilenet-0.25", "mobilenet-0.25"), ("1", "mobilenet-0.5", "mobilenet-0.25", "mobilenet-0.5"),
+    # no paper student is as deep as its teacher and wider, nor a WRN under a MobileNet
+    ("2", "wrn-16-1", "wrn-16-2", None), ("2", "mobilenet-1.0", "wrn-16-1", None),
+])
+def test_paper_counterpart_keeps_the_students_relation_to_the_teacher(table, teacher, student, paper):
+    from refilled.reproduction import paper_counterpart
+
+    assert paper_counterpart(table, student, teacher) == paper
+
+
+def test_reproduction_pairs_each_student_with_its_named_counterpart(tmp_path):
+    from refilled import supplement
+    from refilled.reproduction import write_reproduction
+
+    methods = ["student", "rkd", "aml", "refilled-emb", "refilled-minus", "refilled"]
+    ours = {m: 50.0 + i * 3.0 for i, m in enumerate(["aml", "student", "rkd", "refilled", "refilled-emb",
+                                                     "refilled-minus"])}
+    rows = [{"ratio": "0", "method": m, "arch": a, "seed": 0, "test_acc": ours[m]}
+            for a in ("wrn-10-2", "wrn-10-3") for m in methods]
+    long = write_long(tmp_path / "t2.csv", rows)
+    _, orders = write_reproduction([("2", long, "fashion-mnist", ["wrn-10-2=wrn-16-2", "wrn-10-3="])],
+                                   tmp_path / "r.csv", tmp_path / "r.md")
+    assert [(o["student"], o["paper_student"]) for o in orders] == [("wrn-10-2", "wrn-16-2")]   # not the 1st (position); wrn-10-3: none
+    assert orders[0]["kendall_tau"] == pytest.approx(
+        kendall_brute([ours[m] for m in methods], [supplement.value(2, "0", "wrn-16-2", m) for m in methods]), abs=1e-3)
+    with pytest.raises(claims.ClaimsError, match="'wrn-10-2' is not one of the supplement's students"):
+        write_reproduction([("2", long, "fashion-mnist", ["wrn-10-2=wrn-10-2"])], tmp_path / "r.csv", tmp_path / "r.md")

@@ -266,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "tau between our ordering of the methods and the supplement's, per cell block.")
     rep.add_argument("--table", nargs=4, action="append", required=True,
                      metavar=("N", "LONG_CSV", "DATASET", "STUDENTS"),
-                     help="table N (1-4), its long CSV, our dataset, our students comma-separated in order; repeatable")
+                     help="table N (1-4), its long CSV, our dataset, our students comma-separated, each as "
+                          "OURS=PAPERS (e.g. wrn-10-1=wrn-16-1: the supplement's student it stands for) or, in the "
+                          "paper's order, OURS; repeatable")
     rep.add_argument("--out", required=True, type=Path, help="CSV")
     rep.add_argument("--markdown", required=True, type=Path)
     rep.set_defaults(func=cmd_reproduction)

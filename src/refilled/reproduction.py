@@ -5,8 +5,10 @@ of our cells is put beside the supplement's value: the difference, and whether t
 supplement's value lies inside our 95% Student-t interval over seeds. Elsewhere (the
 Fashion-MNIST profiles) the numbers cannot match, and what is compared is the ordering of the
 methods: per (ratio, student) cell block, Kendall's tau between our mean accuracies and the
-supplement's over the methods both have, our students matched to the paper's by position in
-the deep/shallow x wide/thin pattern (the profile's student list follows the paper's order).
+supplement's over the methods both have, each of our students matched to the paper's student
+that stands to the paper's teacher as ours stands to our teacher (`paper_counterpart`: the
+same deeper/shallower, wider/thinner relation for WRNs, the nearest width ratio for
+MobileNets); a student given without its counterpart is matched by position.
 """
 
 from __future__ import annotations
@@ -15,15 +17,33 @@ import statistics
 from pathlib import Path
 
 from refilled import supplement
+from refilled.archs import parse_arch
 from refilled.claims import ClaimsError, read_rows, t_interval
 from refilled.io import atomic_write_text, write_csv
 
 PAPER_DATASET = {"1": "cub200", "2": "cifar100", "3": "cifar100", "4": "cub200"}
+PAPER_TEACHER = {"1": "mobilenet-1.0", "2": "wrn-40-2", "3": "wrn-28-4", "4": "mobilenet-1.0"}
 VALUE_FIELDS = ["comparison", "table", "ratio", "student", "method", "k_hat", "n_seeds", "ours_mean", "ours_ci_low",
                 "ours_ci_high", "paper", "ours_minus_paper", "paper_in_interval"]
 ORDER_FIELDS = ["paper_student", "methods", "kendall_tau", "ours_order", "paper_order"]
 # one CSV: "value" rows (same dataset and students) and "ordering" rows (another dataset)
 FIELDS = VALUE_FIELDS + ORDER_FIELDS
+
+
+def paper_counterpart(table: str, student: str, teacher: str) -> str | None:
+    """The supplement's student of `table` that stands to the paper's teacher as `student` stands
+    to `teacher`: for WRNs the same (depth, width) relation, each of deeper / equal / shallower
+    and wider / equal / thinner (under a (16,2) teacher, (10,1) is the paper's (16,1) under
+    (40,2)); for MobileNets the nearest student/teacher width ratio. None: no such student."""
+    (kind, s), (t_kind, t) = parse_arch(student), parse_arch(teacher)
+    p_kind, p_teacher = parse_arch(PAPER_TEACHER[str(table)])
+    if not kind == t_kind == p_kind:
+        return None
+    candidates = list(dict.fromkeys(r["student"] for r in supplement.table(table)))
+    if kind == "mobilenet":
+        return min(candidates, key=lambda c: abs(parse_arch(c)[1][0] / p_teacher[0] - s[0] / t[0]))
+    relation = lambda a, b: tuple((x > y) - (x < y) for x, y in zip(a, b))
+    return next((c for c in candidates if relation(parse_arch(c)[1], p_teacher) == relation(s, t)), None)
 
 
 def _cells(table: str, rows: list[dict]) -> dict[tuple, list[float]]:
@@ -54,38 +74,53 @@ def value_rows(table: str, cells: dict) -> list[dict]:
     return out
 
 
+def _pairs(table: str, students: list[str]) -> list[tuple[str, str]]:
+    """(ours, the paper's) from 'ours=paper' items; a bare 'ours' takes the paper's student at its
+    position; 'ours=' (no counterpart) is left out."""
+    paper_students = list(dict.fromkeys(r["student"] for r in supplement.table(table)))
+    pairs = []
+    for i, item in enumerate(students):
+        ours, given, paper = item.partition("=")
+        if not given:
+            paper = paper_students[i] if i < len(paper_students) else ""
+        if paper and paper not in paper_students:
+            raise ClaimsError(f"table {table}: {paper!r} is not one of the supplement's students "
+                              f"({', '.join(paper_students)})")
+        if paper:
+            pairs.append((ours, paper))
+    return pairs
+
+
 def order_rows(table: str, cells: dict, students: list[str]) -> list[dict]:
     from scipy.stats import kendalltau
 
-    paper_students = list(dict.fromkeys(r["student"] for r in supplement.table(table)))
     out = []
     for ratio in sorted({k[0] for k in cells}, key=float):
-        for i, student in enumerate(students):
-            if i >= len(paper_students):
-                continue
+        for student, paper_student in _pairs(table, students):
             ours = {m: statistics.fmean(v) for (r, s, m, _), v in cells.items() if r == ratio and s == student}
-            theirs = {m: supplement.value(table, ratio, paper_students[i], m) for m in ours}
+            theirs = {m: supplement.value(table, ratio, paper_student, m) for m in ours}
             both = [m for m in ours if theirs[m] is not None]
             if len(both) < 2:
                 continue
             tau = kendalltau([ours[m] for m in both], [theirs[m] for m in both]).statistic
             rank = lambda d: " > ".join(sorted(both, key=lambda m: -d[m]))
             out.append({"comparison": "ordering", "table": table, "ratio": ratio, "student": student,
-                        "paper_student": paper_students[i],
+                        "paper_student": paper_student,
                         "methods": len(both), "kendall_tau": "" if tau != tau else round(float(tau), 3),
                         "ours_order": rank(ours), "paper_order": rank(theirs)})
     return out
 
 
 def write_reproduction(tables: list[tuple[str, Path, str, list[str]]], out: Path, md_out: Path) -> tuple[list, list]:
-    """`tables`: (table number, our long CSV, our dataset, our students in order)."""
+    """`tables`: (table number, our long CSV, our dataset, our students: 'ours=paper' or, in the
+    paper's order, 'ours')."""
     values, orders = [], []
     for table, path, dataset, students in tables:
         if not supplement.table(table):
             raise ClaimsError(f"table {table}: the supplement has no such table")
         cells = _cells(table, read_rows(path))
         paper_students = {r["student"] for r in supplement.table(table)}
-        if dataset == PAPER_DATASET[table] and set(students) <= paper_students:
+        if dataset == PAPER_DATASET[table] and {x.partition("=")[0] for x in students} <= paper_students:
             values += value_rows(table, cells)
         elif table != "4":
             orders += order_rows(table, cells, students)
@@ -107,7 +142,8 @@ def write_reproduction(tables: list[tuple[str, Path, str, list[str]]], out: Path
         taus = [o["kendall_tau"] for o in orders if o["kendall_tau"] != ""]
         mean_tau = f"{statistics.fmean(taus):.3f}" if taus else "n/a"
         md += ["Another dataset (the numbers cannot match): does the ordering of the methods agree? Kendall's tau "
-               "between our means and the supplement's per (ratio, student), students matched by position; "
+               "between our means and the supplement's per (ratio, student), each of our students beside the paper's "
+               "that stands to its teacher as ours to our teacher; "
                f"mean tau over {len(taus)} blocks: {mean_tau} (1: same order, 0: unrelated, −1: reversed).", "",
                "| table | ratio | ours | paper's | methods | Kendall tau | our order | paper's order |",
                "|---|---|---|---|---|---|---|---|"]

@@ -15,6 +15,7 @@ from refilled.config import NUM_CLASSES, ConfigError, fmt, gain_points, k_hat_va
 from refilled.methods import CATALOG  # noqa: E402
 from refilled.methods.catalog import TEACHER_METHOD  # noqa: E402
 from refilled.pin import count_gpus  # noqa: E402
+from refilled.reproduction import paper_counterpart  # noqa: E402
 from refilled.tables import applies  # noqa: E402
 
 
@@ -253,10 +254,12 @@ def table_rule_params(exp):
 
 
 def reproduction_tables():
-    """(table, dataset, students comma-separated) of our Tables 1-4, for `refilled reproduction`."""
+    """(table, dataset, students as ours=paper's, comma-separated) of our Tables 1-4, for `refilled reproduction`."""
     t4 = P["table4"]
-    return [(e[-1], EXPS[e]["dataset"], ",".join(EXPS[e]["students"])) for e in ("table1", "table2", "table3")] + \
-        [("4", EXPS[t4["experiment"]]["dataset"], t4["arch"])]
+    students = lambda table, exp, archs: ",".join(
+        f"{a}={paper_counterpart(table, a, EXPS[exp]['teacher']['arch']) or ''}" for a in archs)
+    return [(e[-1], EXPS[e]["dataset"], students(e[-1], e, EXPS[e]["students"])) for e in ("table1", "table2", "table3")] + \
+        [("4", EXPS[t4["experiment"]]["dataset"], students("4", t4["experiment"], [t4["arch"]]))]
 
 
 TABLES = [f"results/table{t}{suffix}" for t in (1, 2, 3, 4, "_h") for suffix in (".csv", "_long.csv", ".md")] + \
