@@ -39,7 +39,7 @@ def paper_counterpart(table: str, student: str, teacher: str) -> str | None:
     p_kind, p_teacher = parse_arch(PAPER_TEACHER[str(table)])
     if not kind == t_kind == p_kind:
         return None
-    candidates = list(dict.fromkeys(r["student"] for r in supplement.table(table)))
+    candidates = supplement.students(table)
     if kind == "mobilenet":
         return min(candidates, key=lambda c: abs(parse_arch(c)[1][0] / p_teacher[0] - s[0] / t[0]))
     relation = lambda a, b: tuple((x > y) - (x < y) for x, y in zip(a, b))
@@ -77,7 +77,7 @@ def value_rows(table: str, cells: dict) -> list[dict]:
 def _pairs(table: str, students: list[str]) -> list[tuple[str, str]]:
     """(ours, the paper's) from 'ours=paper' items; a bare 'ours' takes the paper's student at its
     position; 'ours=' (no counterpart) is left out."""
-    paper_students = list(dict.fromkeys(r["student"] for r in supplement.table(table)))
+    paper_students = supplement.students(table)
     pairs = []
     for i, item in enumerate(students):
         ours, given, paper = item.partition("=")
@@ -119,8 +119,8 @@ def write_reproduction(tables: list[tuple[str, Path, str, list[str]]], out: Path
         if not supplement.table(table):
             raise ClaimsError(f"table {table}: the supplement has no such table")
         cells = _cells(table, read_rows(path))
-        paper_students = {r["student"] for r in supplement.table(table)}
-        if dataset == PAPER_DATASET[table] and {x.partition("=")[0] for x in students} <= paper_students:
+        ours = {x.partition("=")[0] for x in students}
+        if dataset == PAPER_DATASET[table] and ours <= set(supplement.students(table)):
             values += value_rows(table, cells)
         elif table != "4":
             orders += order_rows(table, cells, students)

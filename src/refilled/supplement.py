@@ -29,6 +29,11 @@ def table(number: str | int) -> list[dict]:
     return [r for r in rows() if r["table"] == str(number)]
 
 
+def students(number: str | int) -> list[str]:
+    """The students (columns) of one table, in the supplement's order."""
+    return list(dict.fromkeys(r["student"] for r in table(number)))
+
+
 def value(number: str | int, ratio: str, student: str, method: str, k_hat: str = "") -> float | None:
     """The supplement's value of one cell, or None where it has no such cell."""
     for r in table(number):
