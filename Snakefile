@@ -47,7 +47,6 @@ localrules:
     students,
     tables,
     figures,
-    fetch_fashion_mnist,
     prepare_data,
     split,
     table1,

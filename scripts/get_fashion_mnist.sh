@@ -9,7 +9,9 @@ R=${REFILLED:-$(realpath -m "$(dirname "$0")/../.venv/bin/refilled")}
 [ -x "$R" ] || R=refilled
 cd "$(dirname "$0")/.."
 PKG_DIR=/usr/share/datasets/fashion-mnist
-if [ ! -d "$PKG_DIR" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+# apt-get only when the files are missing: the workflow calls this before every data preparation
+if ! ls "$ROOT"/fashion-mnist/*-ubyte* >/dev/null 2>&1 && [ ! -d "$PKG_DIR" ] && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null; then
   echo "installing Debian package dataset-fashion-mnist"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null \
     || echo "apt-get could not install dataset-fashion-mnist; falling back to torchvision's download"

@@ -16,9 +16,6 @@ rule teacher_ncm:
     log:
         f"{LOGS}/teacher_ncm/{{exp}}/r{{ratio}}/seed{{seed}}.log",
     params:
-        refilled=REFILLED,
-        gpus=GPUS,
-        slots=SLOTS,
         per_class=lambda wc: per_class_arg(EXPS[wc.exp]["per_class"]),
         data_root=DATA_ROOT,
         device=P["device"],
@@ -26,7 +23,7 @@ rule teacher_ncm:
     resources:
         gpu=1,
     shell:
-        "{params.refilled} pin --gpus {params.gpus} --per-gpu {params.slots} --threads {threads} -- "
+        "{REFILLED} pin --gpus {GPUS} --per-gpu {SLOTS} --threads {threads} -- "
         "ncm --split {input.split} --task student --model {input.teacher} --data-root {params.data_root} --no-checksum "
         "{params.per_class} --seed {wildcards.seed} --device {params.device} --out {output} > {log} 2>&1"
 
@@ -44,10 +41,9 @@ rule gain_vs_data:
     log:
         f"{LOGS}/gain_vs_data.log",
     params:
-        refilled=REFILLED,
         reference=lambda wc: P["gain_vs_data"]["methods"][0],
     shell:
-        "{params.refilled} gain-vs-data --summaries {input.runs} --teacher-ncm {input.ncm} "
+        "{REFILLED} gain-vs-data --summaries {input.runs} --teacher-ncm {input.ncm} "
         "--reference {params.reference} --out {output.csv} --figure figures/gain_vs_data > {log} 2>&1"
 
 
@@ -62,13 +58,12 @@ rule claims_verdicts:
     log:
         f"{LOGS}/claims.log",
     params:
-        refilled=REFILLED,
         tables=lambda wc, input: " ".join(f"--table {t[-1]} {path}" for t, path in
                                           zip(P["claims"]["tables"], input.tables)),
         auc_ratio=lambda wc: fmt(P["claims"]["auc_ratio"]),
         note=f"Profile {PROFILE}, seeds {', '.join(map(str, SEEDS))}.",
     shell:
-        "{params.refilled} claims {params.tables} --table4 {input.table4} --lambda-auc {input.auc} "
+        "{REFILLED} claims {params.tables} --table4 {input.table4} --lambda-auc {input.auc} "
         "--auc-ratio {params.auc_ratio} --lambda-sweep {input.sweep} --note '{params.note}' "
         "--out {output.csv} --markdown {output.md} > {log} 2>&1"
 

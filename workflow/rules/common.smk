@@ -34,7 +34,10 @@ EXPS = P["experiments"]
 SEEDS = P["seeds"]
 LAM = P["lam"]
 
-# `refilled` beside the Python running Snakemake (.venv/bin/snakemake works without activating the venv)
+# `refilled` beside the Python running Snakemake (.venv/bin/snakemake works without activating the venv).
+# The rules spell it, and GPUS / SLOTS below, in their shell commands, never in params: Snakemake records
+# params and reruns a job whose params differ, and an absolute path (a moved checkout, another venv) or
+# the GPU slots (scheduling) change no result.
 _beside = Path(sys.executable).parent / "refilled"
 REFILLED = str(_beside) if _beside.is_file() else "refilled"
 
@@ -74,13 +77,6 @@ def teacher_ratio(exp):
     or 1 where h is more than half the classes (standard KD, Table 3: r = 1 is the only split)."""
     e = EXPS[exp]
     return 0 if 2 * e["classes_per_task"] <= NUM_CLASSES[e["dataset"]] else 1
-
-
-def raw_data_inputs(wc):
-    """Fashion-MNIST is fetched first when data/raw holds none of its files."""
-    if wc.dataset == "fashion-mnist" and not list(Path("data/raw/fashion-mnist").glob("*-ubyte*")):
-        return [f"{DATA}/fetched/fashion-mnist.log"]
-    return []
 
 
 def data_ready(exp):

@@ -17,10 +17,9 @@ rule lambda_auc:
     benchmark:
         f"{BENCH}/lambda_auc.tsv"
     params:
-        refilled=REFILLED,
         runs=figure3_runs(),
     shell:
-        "{params.refilled} lambda-auc --runs {params.runs} --out {output} > {log} 2>&1"
+        "{REFILLED} lambda-auc --runs {params.runs} --out {output} > {log} 2>&1"
 
 
 # Table H's training-free reference, per (experiment, ratio, student, seed): the teacher's head
@@ -41,7 +40,6 @@ rule joint_reference:
     benchmark:
         f"{BENCH}/{REFERENCE_RUN}.tsv"
     params:
-        refilled=REFILLED,
         out=lambda wc, output: os.path.dirname(output[0]),
         test_per_class=lambda wc: ("" if P["table_h"]["test_per_class"] is None
                                    else f"--joint-test-per-class {P['table_h']['test_per_class']}"),
@@ -49,6 +47,6 @@ rule joint_reference:
         data_root=DATA_ROOT,
         profile=PROFILE,
     shell:
-        "{params.refilled} joint-reference --split {input.split} --teacher {input.teacher} --student {input.student} "
+        "{REFILLED} joint-reference --split {input.split} --teacher {input.teacher} --student {input.student} "
         "--seed {wildcards.seed} {params.test_per_class} --data-root {params.data_root} --no-checksum "
         "--device {params.device} --profile {params.profile} --out {params.out} > {log} 2>&1"

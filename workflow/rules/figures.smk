@@ -15,10 +15,9 @@ rule figure1:
     benchmark:
         f"{BENCH}/figure1.tsv"
     params:
-        refilled=REFILLED,
         runs=figure1_runs(),
     shell:
-        "{params.refilled} figure --figure 1 --runs {params.runs} --out figures/figure1_convergence > {log} 2>&1"
+        "{REFILLED} figure --figure 1 --runs {params.runs} --out figures/figure1_convergence > {log} 2>&1"
 
 
 rule figure2:
@@ -35,10 +34,9 @@ rule figure2:
     benchmark:
         f"{BENCH}/figure2.tsv"
     params:
-        refilled=REFILLED,
         runs=figure2_runs(),
     shell:
-        "{params.refilled} figure --figure 2 --runs {params.runs} --out figures/figure2_lambda_sweep > {log} 2>&1"
+        "{REFILLED} figure --figure 2 --runs {params.runs} --out figures/figure2_lambda_sweep > {log} 2>&1"
 
 
 rule figure3:
@@ -55,7 +53,6 @@ rule figure3:
     benchmark:
         f"{BENCH}/figure3.tsv"
     params:
-        refilled=REFILLED,
         runs=figure3_runs(),
     shell:
-        "{params.refilled} figure --figure 3 --runs {params.runs} --out figures/figure3_lambda_hist > {log} 2>&1"
+        "{REFILLED} figure --figure 3 --runs {params.runs} --out figures/figure3_lambda_hist > {log} 2>&1"

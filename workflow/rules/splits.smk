@@ -12,9 +12,7 @@ rule split:
         "results/logs/splits/{dataset}/{order}/h{h}/r{ratio}/seed{seed}.log",
     benchmark:
         "results/benchmarks/splits/{dataset}/{order}/h{h}/r{ratio}/seed{seed}.tsv"
-    params:
-        refilled=REFILLED,
     shell:
-        "{params.refilled} split --dataset {wildcards.dataset} --ratio {wildcards.ratio} --seed {wildcards.seed} "
+        "{REFILLED} split --dataset {wildcards.dataset} --ratio {wildcards.ratio} --seed {wildcards.seed} "
         "--class-order {wildcards.order} "
         "--classes-per-task {wildcards.h} --out {output} > {log} 2>&1"

@@ -15,11 +15,10 @@ rule table1:
     benchmark:
         f"{BENCH}/table1.tsv"
     params:
-        refilled=REFILLED,
         lam=LAM,
         **table_rule_params("table1"),
     shell:
-        "{params.refilled} table --table 1 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
+        "{REFILLED} table --table 1 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
         "--methods {params.methods} --lam {params.lam} --out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
 
 
@@ -37,11 +36,10 @@ rule table2:
     benchmark:
         f"{BENCH}/table2.tsv"
     params:
-        refilled=REFILLED,
         lam=LAM,
         **table_rule_params("table2"),
     shell:
-        "{params.refilled} table --table 2 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
+        "{REFILLED} table --table 2 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
         "--methods {params.methods} --lam {params.lam} --out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
 
 
@@ -60,10 +58,9 @@ rule table3:
     benchmark:
         f"{BENCH}/table3.tsv"
     params:
-        refilled=REFILLED,
         **table_rule_params("table3"),
     shell:
-        "{params.refilled} table --table 3 --summaries {input.runs} --teachers {input.teachers} --ratios {params.ratios} "
+        "{REFILLED} table --table 3 --summaries {input.runs} --teachers {input.teachers} --ratios {params.ratios} "
         "--columns {params.columns} --methods {params.methods} --out {output.csv} --long {output.long} "
         "--markdown {output.md} > {log} 2>&1"
 
@@ -82,11 +79,10 @@ rule table4:
     benchmark:
         f"{BENCH}/table4.tsv"
     params:
-        refilled=REFILLED,
         ratios=" ".join(fmt(r) for r in P["table4"]["ratios"]),
         columns=" ".join(k_hat_value(k) for k in P["table4"]["k_hats"]),
     shell:
-        "{params.refilled} table --table 4 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
+        "{REFILLED} table --table 4 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
         "--out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
 
 
@@ -101,11 +97,10 @@ rule reproduction:
     log:
         f"{LOGS}/reproduction.log",
     params:
-        refilled=REFILLED,
         tables=lambda wc, input: " ".join(f"--table {n} {path} {d} {s}" for path, (n, d, s) in
                                           zip(input.tables, reproduction_tables())),
     shell:
-        "{params.refilled} reproduction {params.tables} --out {output.csv} --markdown {output.md} > {log} 2>&1"
+        "{REFILLED} reproduction {params.tables} --out {output.csv} --markdown {output.md} > {log} 2>&1"
 # Table H (supplement §2): the joint-head runs and the training-free references of the
 # table_h section, Acc_C' / Acc_C / H per cell.
 rule table_h:
@@ -122,10 +117,9 @@ rule table_h:
     benchmark:
         f"{BENCH}/table_h.tsv"
     params:
-        refilled=REFILLED,
         grid=" ".join(f"--grid {e} {','.join(fmt(r) for r in ratios)} {','.join(archs)}"
                       for e, ratios, archs in table_h_grid()),
         methods=" ".join(P["table_h"]["methods"]),
     shell:
-        "{params.refilled} table --table h --summaries {input} {params.grid} --methods {params.methods} "
+        "{REFILLED} table --table h --summaries {input} {params.grid} --methods {params.methods} "
         "--out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"

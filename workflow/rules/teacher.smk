@@ -15,9 +15,6 @@ rule teacher:
     benchmark:
         f"{BENCH}/{TEACHER_RUN}.tsv"
     params:
-        refilled=REFILLED,
-        gpus=GPUS,
-        slots=SLOTS,
         method=TEACHER_METHOD,
         out=lambda wc, output: os.path.dirname(output.summary),
         arch=lambda wc: EXPS[wc.exp]["teacher"]["arch"],
@@ -28,6 +25,6 @@ rule teacher:
     resources:
         gpu=1,
     shell:
-        "{params.refilled} pin --gpus {params.gpus} --per-gpu {params.slots} --threads {threads} -- "
+        "{REFILLED} pin --gpus {GPUS} --per-gpu {SLOTS} --threads {threads} -- "
         "train --method {params.method} --task teacher --split {input.split} --arch {params.arch} --epochs {params.epochs} {params.per_class} "
         "--seed {wildcards.seed} {params.common} --out {params.out} > {log} 2>&1"

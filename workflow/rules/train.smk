@@ -16,9 +16,6 @@ rule train:
     benchmark:
         f"{BENCH}/{STUDENT_RUN}.tsv"
     params:
-        refilled=REFILLED,
-        gpus=GPUS,
-        slots=SLOTS,
         out=lambda wc, output: os.path.dirname(output.summary),
         epochs=lambda wc: EXPS[wc.exp][CATALOG[wc.method].epochs],
         per_class=lambda wc: per_class_arg(EXPS[wc.exp]["per_class"]),
@@ -29,7 +26,7 @@ rule train:
     resources:
         gpu=1,
     shell:
-        "{params.refilled} pin --gpus {params.gpus} --per-gpu {params.slots} --threads {threads} -- "
+        "{REFILLED} pin --gpus {GPUS} --per-gpu {SLOTS} --threads {threads} -- "
         "train --method {wildcards.method} --split {input.split} --arch {wildcards.arch} {params.inputs} "
         "{params.sets} --epochs {params.epochs} {params.per_class} --seed {wildcards.seed} {params.common} "
         "--out {params.out} > {log} 2>&1"
