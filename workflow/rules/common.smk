@@ -1,6 +1,7 @@
 # Configuration, path patterns and input functions shared by every rule (defined once).
 # Pure Python: nothing here imports torch (the scheduler process stays light).
 
+import functools
 import os
 import re
 import sys
@@ -162,7 +163,7 @@ def common_args(exp, run=None, recipe=None):
     or the experiment's dict holding batch_size / milestones overrides. The runs behind Figure 1
     evaluate after every epoch (its curves); that changes no reported number."""
     recipe = EXPS[exp] if recipe is None else recipe
-    every = 1 if run in figure1_runs() else P["eval_every"]
+    every = 1 if run in _figure1_run_set() else P["eval_every"]
     milestones = recipe.get("milestones")
     return (f"--data-root {DATA_ROOT} --no-checksum --batch-size {recipe.get('batch_size', P['batch_size'])} "
             f"--num-workers {P.get('num_workers', 0)} --dropout {EXPS[exp].get('dropout', 0)} "
@@ -194,6 +195,11 @@ def figure1_runs():
     f = P["figure1"]
     return [run_dir(f["experiment"], f["ratio"], f["arch"], f["seed"], m)
             for m in (CATALOG[f["method"]].starts_from, f["method"])]
+
+
+@functools.cache
+def _figure1_run_set() -> frozenset:
+    return frozenset(figure1_runs())
 
 
 def figure2_runs():

@@ -27,6 +27,7 @@ Fields of a line:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
@@ -34,6 +35,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from refilled.methods.params import HParam, ParamError, read_declaration
+
+
+@functools.lru_cache(maxsize=None)
+def _module_file(module: str) -> str | None:
+    spec = importlib.util.find_spec(module)
+    return None if spec is None else spec.origin
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,10 @@ class Entry:
     @property
     def hparams(self) -> dict[str, HParam]:
         """The method file's declaration (read from its source, not imported)."""
-        spec = importlib.util.find_spec(self.module)
-        if spec is None or spec.origin is None:
+        origin = _module_file(self.module)
+        if origin is None:
             raise ImportError(f"method {self.name}: module {self.module} not found")
-        return read_declaration(Path(spec.origin))
+        return read_declaration(Path(origin))
 
     @property
     def settable(self) -> dict[str, HParam]:

@@ -19,6 +19,7 @@ Types: "float", "float>0", "float>=0", "int>=1", "k_hat" (an integer >= 1 or inf
 from __future__ import annotations
 
 import ast
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,14 @@ _TYPES = ("float", "float>0", "float>=0", "int>=1", "k_hat", "bool")
 
 def read_declaration(source: Path) -> dict[str, HParam]:
     """The `HPARAMS = {...}` literal of a method file, read without importing it."""
-    tree = ast.parse(source.read_text(encoding="utf-8"), str(source))
+    stat = Path(source).stat()
+    return dict(_parsed_declaration(str(source), stat.st_mtime_ns, stat.st_size))
+
+
+# Parsed once per file version: building the paper DAG asks for declarations tens of thousands of times.
+@functools.lru_cache(maxsize=None)
+def _parsed_declaration(source: str, mtime_ns: int, size: int) -> dict[str, HParam]:
+    tree = ast.parse(Path(source).read_text(encoding="utf-8"), source)
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "HPARAMS" for t in node.targets):
             raw = ast.literal_eval(node.value)
