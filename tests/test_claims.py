@@ -132,7 +132,7 @@ def test_claim_b_paper_value_is_low_minus_high_overlap(tmp_path, table, gap, pap
     rows = claims.read_rows(write_long(tmp_path / "t.csv", gap_rows(gap)))
     _, low_high = claims.claim_b(rows, table, "t.csv")
     assert low_high.paper == pytest.approx(paper, abs=1e-9)
-    assert low_high.paper < 0              # the supplement's gap is larger at high overlap on both tables
+    assert low_high.paper < 0              # at these ratios the supplement's gap is larger at high overlap
 
 
 def test_unpaired_runs_are_refused_with_the_file_named(tmp_path):
