@@ -1,4 +1,4 @@
-"""Run `refilled` in-process, shared by the CLI and fault tests."""
+"""Run `refilled` in-process and check how it ended, shared by the CLI, fault and other tests."""
 
 import contextlib
 import io
@@ -20,3 +20,18 @@ def cli(argv: list) -> tuple[object, str, str]:
             traceback.print_exc(file=err)
             rc = "uncaught exception"
     return rc, out.getvalue(), err.getvalue()
+
+
+def ok(result: tuple[object, str, str]) -> str:
+    """Assert a zero exit; return stdout."""
+    rc, out, err = result
+    assert rc == 0, f"exit {rc}\nstdout:\n{out}\nstderr:\n{err}"
+    return out
+
+
+def failed(result: tuple[object, str, str]) -> str:
+    """Assert a clean non-zero exit (no traceback); return stderr."""
+    rc, out, err = result
+    assert isinstance(rc, int) and rc != 0, f"expected a non-zero exit, got {rc}\nstdout:\n{out}\nstderr:\n{err}"
+    assert "Traceback" not in err, err
+    return err

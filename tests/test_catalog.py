@@ -16,6 +16,7 @@ import pytest
 import torch
 from cli_runner import cli
 from methods_cases import CASE_IDS, build_case
+from resume_check import kill_then_resume
 
 from refilled.methods import CATALOG, Entry, ParamError, get, registered
 from refilled.methods.catalog import protocol_table
@@ -169,37 +170,18 @@ def test_step_stays_finite_under_bf16_autocast_on_the_cpu(case):
 
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_killed_run_resumes_to_the_same_weights(case, tmp_path):
-    """Two epochs straight, against one epoch, a 'kill' (a new process would rebuild everything
-    from the seed), then the same call again: the resumed run ends bit-identical."""
+    """Two epochs straight, against a run killed in epoch 2 (a new process would rebuild everything
+    from the seed) and the same call again: it resumes after epoch 1 and ends bit-identical."""
     data = ListBatches(batches(3))
     cfg = OptimConfig(epochs=2, batch_size=8, lr=0.05)
 
-    def run(run_dir, epochs_cfg):
+    def run(run_dir):
         method = build_case(case, prepare_batches=batches(1, seed=9), seed=1)
-        fit(method, data, lambda: {}, epochs_cfg, run_dir, CPU, 1, graph="off")
+        fit(method, data, lambda: {}, cfg, run_dir, CPU, 1, graph="off")
         return {k: v.clone() for k, v in method.state_dict().items()}
 
-    straight = run(tmp_path / "straight", cfg)
-    # the interrupted run: stop after epoch 1 by training a 1-epoch config that writes the same resume file
-    import refilled.train as train_mod
-
-    calls = {"n": 0}
-    real = train_mod._train_epoch
-
-    def dies_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")
-        return real(*a, **k)
-
-    train_mod._train_epoch = dies_in_epoch_2
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(tmp_path / "resumed", cfg)
-    finally:
-        train_mod._train_epoch = real
-    assert (tmp_path / "resumed" / "resume.pt").exists()
-    resumed = run(tmp_path / "resumed", cfg)
+    straight = run(tmp_path / "straight")
+    resumed = kill_then_resume(run, tmp_path / "resumed", cfg.epochs)
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), f"{case}: {k}"
@@ -347,8 +329,6 @@ def test_emulated_capture_with_dropout_equals_eager_exactly():
 
 
 def test_resumed_run_with_dropout_ends_on_the_same_weights(tmp_path):
-    import refilled.train as train_mod
-
     data = ListBatches(batches(3))
     cfg = OptimConfig(epochs=2, batch_size=8, lr=0.05)
 
@@ -358,20 +338,6 @@ def test_resumed_run_with_dropout_ends_on_the_same_weights(tmp_path):
         return method.state_dict()
 
     straight = run(tmp_path / "a")
-    real, calls = train_mod._train_epoch, {"n": 0}
-
-    def dies_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    train_mod._train_epoch = dies_in_epoch_2
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(tmp_path / "b")
-    finally:
-        train_mod._train_epoch = real
-    resumed = run(tmp_path / "b")
+    resumed = kill_then_resume(run, tmp_path / "b", cfg.epochs)
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k

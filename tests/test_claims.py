@@ -35,6 +35,14 @@ def test_verdict_rule(lo, hi, threshold, above, expected):
     assert claims.verdict(lo, hi, threshold, above) == expected
 
 
+@pytest.mark.parametrize("lo,hi,threshold,above", [
+    (0.0, 1.0, 0.0, True), (-1.0, 0.0, 0.0, True), (0.5, 0.9, 0.5, True), (0.1, 0.5, 0.5, True),
+    (2.0, 3.0, 3.0, False), (3.0, 4.0, 3.0, False)])
+def test_an_interval_ending_on_the_threshold_is_inconclusive(lo, hi, threshold, above):
+    # "wholly above/below" is strict: an interval that touches the threshold decides nothing
+    assert claims.verdict(lo, hi, threshold, above) == "inconclusive"
+
+
 def test_a_claim_holds_only_if_every_comparison_holds():
     assert claims.combine(["holds", "holds"]) == "holds"
     assert claims.combine(["holds", "inconclusive"]) == "inconclusive"
@@ -95,6 +103,38 @@ def test_claim_b_low_minus_high_overlap(tmp_path):
     assert low_high.row()["verdict"] == "holds"
 
 
+def gap_rows(gap: dict[str, float], arch: str = "wrn-a", seeds=(0, 1, 2)) -> list[dict]:
+    """refilled beats refilled-minus by gap[ratio] + 0.1 * seed * (ratio's position) points."""
+    return [{"ratio": ratio, "method": m, "arch": arch, "seed": s,
+             "test_acc": 60.0 + (g + 0.1 * s * i if m == "refilled" else 0.0)}
+            for i, (ratio, g) in enumerate(gap.items()) for s in seeds for m in ("refilled-minus", "refilled")]
+
+
+def test_claim_b_splits_low_from_high_overlap_at_one_half(tmp_path):
+    # r = 0 and 0.4 are low overlap, 0.5 and 0.6 high: (4 + 2)/2 - (1 + 0.5)/2 = 2.25 at seed 0;
+    # the seed terms 0.1*s*(0, 1, 2, 3) add (0 + 0.1s)/2 - (0.2s + 0.3s)/2 = -0.2s
+    rows = claims.read_rows(write_long(tmp_path / "t2.csv", gap_rows({"0": 4.0, "0.4": 2.0, "0.5": 1.0, "0.6": 0.5})))
+    overall, low_high = claims.claim_b(rows, "2", "t2.csv")
+    assert low_high.per_seed == {0: pytest.approx(2.25), 1: pytest.approx(2.05), 2: pytest.approx(1.85)}
+    assert overall.per_seed == {s: pytest.approx(7.5 / 4 + 0.1 * s * 6 / 4) for s in (0, 1, 2)}
+    assert low_high.paper is None          # Table 2 has no r = 0.5
+
+
+@pytest.mark.parametrize("table,gap,paper", [
+    # Table 1 (CUB), REFILLED - REFILLED^- over the four MobileNets, by hand from the supplement:
+    # r = 0: (1.06 + 0.74 + 0.44 + 0.64)/4 = 0.72; r = 0.5: (1.11 + 0.96 + 1.32 + 0.71)/4 = 1.025
+    ("1", {"0": 1.0, "0.5": 3.0}, 0.72 - 1.025),
+    # Table 2 (CIFAR-100), over the four WRNs: r = 0: (0.81 + 0.96 + 0.58 + 0.40)/4 = 0.6875,
+    # r = 0.4: (0.56 + 0.10 + 0.32 + 0.50)/4 = 0.37; r = 0.6: (0.64 + 0.00 + 0.73 + 0.78)/4 = 0.5375
+    ("2", {"0": 1.0, "0.4": 3.0, "0.6": 0.5}, (0.6875 + 0.37) / 2 - 0.5375),
+], ids=["table1", "table2"])
+def test_claim_b_paper_value_is_low_minus_high_overlap(tmp_path, table, gap, paper):
+    rows = claims.read_rows(write_long(tmp_path / "t.csv", gap_rows(gap)))
+    _, low_high = claims.claim_b(rows, table, "t.csv")
+    assert low_high.paper == pytest.approx(paper, abs=1e-9)
+    assert low_high.paper < 0              # at these ratios the supplement's gap is larger at high overlap
+
+
 def test_unpaired_runs_are_refused_with_the_file_named(tmp_path):
     rows = [r for r in table_rows() if not (r["method"] == "student" and r["seed"] == 2 and r["ratio"] == "0")]
     path = write_long(tmp_path / "t2.csv", rows)
@@ -107,6 +147,7 @@ def test_claims_c_d_e(tmp_path):
                      + [{"ratio": "1", "seed": 0, "auc": ""}])
     c_half, c_strong = claims.claim_c(claims.read_rows(auc), "0.6")
     assert c_half.row()["verdict"] == "holds" and c_strong.row()["verdict"] == "fails"
+    assert c_half.row()["paper"] == c_strong.row()["paper"] == 0.959     # the supplement, Figure 3's AUC
     t4 = write_long(tmp_path / "t4.csv", [{"ratio": "0", "k_hat": k, "arch": "wrn-a", "seed": s,
                                            "ncm_acc": 50 + s + (2.0 if k == "inf" else 0.0) + 0.1 * s * (k == "inf")}
                                           for k in ("1", "5", "inf") for s in range(3)])
@@ -148,7 +189,7 @@ def test_gain_vs_data_pairs_per_seed_and_draws_the_figure(tmp_path, capsys):
     runs, ncm = [], []
     for n in (10, 30):
         for s in range(3):
-            for m, acc in (("student", 0.60 + 0.01 * s), ("refilled", 0.62 + 0.01 * s + 0.001 * n)):
+            for m, acc in (("student", 0.60 + 0.01 * s), ("refilled", 0.62 + 0.02 * s + 0.001 * n)):
                 p = tmp_path / f"n{n}" / m / f"seed{s}.json"
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_text(json.dumps({"data": {"per_class": n}, "split": {"ratio": 0.6}, "method": m, "seed": s,
@@ -162,13 +203,22 @@ def test_gain_vs_data_pairs_per_seed_and_draws_the_figure(tmp_path, capsys):
             "--figure", str(fig)]
     assert main(argv) == 0
     rows = {(r["per_class"], r["quantity"]): r for r in csv.DictReader(open(out, encoding="utf-8"))}
-    assert float(rows[("30", "refilled - student")]["mean"]) == pytest.approx(2.0 + 3.0)
+    # gains at per_class 30: 2 + s + 3 points for seeds 0, 1, 2 -> 5, 6, 7: mean 6, s.d. 1
+    gain30 = rows[("30", "refilled - student")]
+    half = T975[2] * 1.0 / math.sqrt(3)
+    assert (float(gain30["mean"]), float(gain30["ci_low"]), float(gain30["ci_high"])) == \
+        pytest.approx((6.0, 6.0 - half, 6.0 + half), abs=1e-4)
     assert float(rows[("10", "student accuracy")]["mean"]) == pytest.approx(61.0)
     assert float(rows[("10", "teacher NCM on the student's classes")]["mean"]) == pytest.approx(70.0)
     assert (tmp_path / "gain.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "gain.pdf").stat().st_size > 0
     capsys.readouterr()
     assert main([*argv[:2], *map(str, runs[1:]), *argv[2 + len(runs):]]) == 2   # a student run missing
     assert "no student run at per_class 10" in capsys.readouterr().err
+    twice = tmp_path / "twice.csv"
+    assert main([*argv[:2], *map(str, runs), str(runs[0]), *argv[2 + len(runs):-4], "--out", str(twice),
+                 "--figure", str(tmp_path / "twice")]) == 2
+    assert f"{runs[0]}: a second run for per_class 10, ratio 0.6, student, seed 0" in capsys.readouterr().err
+    assert not twice.exists() and not (tmp_path / "twice.png").exists()
 
 
 def test_profiles_expand_the_sweep_into_experiments_sharing_the_teacher():
@@ -213,10 +263,19 @@ def test_a_sweep_beyond_the_data_pool_is_refused(tmp_path):
 # ---- refilled reproduction: our cells beside the supplement's ----
 
 def kendall_brute(x: list[float], y: list[float]) -> float:
-    """Kendall's tau-a by counting concordant and discordant pairs (no ties in these cases)."""
+    """Kendall's tau-b by counting pairs: (concordant - discordant) / sqrt((n0 - ties in x)(n0 - ties in y))."""
     pairs = [(i, j) for i in range(len(x)) for j in range(i + 1, len(x))]
-    s = sum(1 if (x[i] - x[j]) * (y[i] - y[j]) > 0 else -1 for i, j in pairs)
-    return s / len(pairs)
+    sign = lambda v: (v > 0) - (v < 0)
+    s = sum(sign(x[i] - x[j]) * sign(y[i] - y[j]) for i, j in pairs)
+    untied_x = sum(x[i] != x[j] for i, j in pairs)
+    untied_y = sum(y[i] != y[j] for i, j in pairs)
+    return s / math.sqrt(untied_x * untied_y)
+
+
+def test_kendall_oracle_is_tau_b_on_tied_data():
+    # by hand: pairs (0,1) (0,2) (0,3) concordant, (1,3) discordant, (1,2) tied in x, (2,3) tied in y:
+    # tau-b = (3 - 1) / sqrt((6 - 1)(6 - 1)) = 0.4 (tau-a would be 2/6, tau-c 0.375)
+    assert kendall_brute([1, 2, 2, 3], [1, 3, 2, 2]) == pytest.approx(0.4)
 
 
 def test_reproduction_values_on_the_papers_setting(tmp_path):
@@ -233,7 +292,7 @@ def test_reproduction_values_on_the_papers_setting(tmp_path):
     half = T975[2] * statistics.stdev([80.0, 81.0, 82.0]) / math.sqrt(3)
     assert got["refilled"]["ours_minus_paper"] == pytest.approx(81.0 - paper, abs=0.01)
     assert got["refilled"]["ours_ci_low"] == pytest.approx(81.0 - half, abs=0.01)
-    assert got["refilled"]["paper_in_interval"] == ("yes" if 81.0 - half <= paper <= 81.0 + half else "no")
+    assert got["refilled"]["paper_in_interval"] == "yes"             # 81.0 ± 2.48 holds the paper's 80.66
     assert got["student"]["paper_in_interval"] == "no"              # 70.5 ± 1.2 against the paper's 78.90
     assert "inside our 95% interval in 1 of the 2" in (tmp_path / "r.md").read_text(encoding="utf-8")
 
@@ -299,3 +358,66 @@ def test_reproduction_pairs_each_student_with_its_named_counterpart(tmp_path):
         kendall_brute([ours[m] for m in methods], [supplement.value(2, "0", "wrn-16-2", m) for m in methods]), abs=1e-3)
     with pytest.raises(claims.ClaimsError, match="'wrn-10-2' is not one of the supplement's students"):
         write_reproduction([("2", long, "fashion-mnist", ["wrn-10-2=wrn-10-2"])], tmp_path / "r.csv", tmp_path / "r.md")
+
+
+def test_reproduction_one_seed_cell_has_no_interval(tmp_path):
+    from refilled.reproduction import write_reproduction
+
+    rows = [{"ratio": "0.6", "method": m, "arch": "wrn-40-2", "seed": s, "test_acc": v}
+            for m, vals in (("refilled", [80.0]), ("student", [70.0, 70.5, 71.0])) for s, v in enumerate(vals)]
+    long = write_long(tmp_path / "t2.csv", rows)
+    values, _ = write_reproduction([("2", long, "cifar100", ["wrn-40-2"])], tmp_path / "r.csv", tmp_path / "r.md")
+    one = next(v for v in values if v["method"] == "refilled")
+    assert (one["n_seeds"], one["ours_mean"], one["ours_ci_low"], one["ours_ci_high"], one["paper_in_interval"]) == \
+        (1, 80.0, "", "", "")
+    assert one["ours_minus_paper"] == pytest.approx(80.0 - 80.66)
+    md = (tmp_path / "r.md").read_text(encoding="utf-8")
+    assert "inside our 95% interval in 0 of the 1 cells that have one" in md
+    assert "| 2 | 0.6 | wrn-40-2 | refilled |  | 80.0 | — | 80.66 | -0.66 | — |" in md
+
+
+@pytest.mark.parametrize("bounds", [(80.66, 82.0), (79.0, 80.66)])
+def test_reproduction_paper_value_on_a_bound_is_inside(tmp_path, monkeypatch, bounds):
+    # the interval is closed: the supplement's 80.66 exactly on either end counts as inside
+    import refilled.reproduction as reproduction
+
+    monkeypatch.setattr(reproduction, "t_interval", lambda values: (81.0, *bounds))
+    rows = [{"ratio": "0.6", "method": "refilled", "arch": "wrn-40-2", "seed": s, "test_acc": 81.0} for s in range(3)]
+    long = write_long(tmp_path / "t2.csv", rows)
+    (value,), _ = reproduction.write_reproduction([("2", long, "cifar100", ["wrn-40-2"])], tmp_path / "r.csv",
+                                                  tmp_path / "r.md")
+    assert value["paper"] == 80.66 and value["paper_in_interval"] == "yes"
+
+
+def test_reproduction_tau_is_tau_b_with_ties_on_both_sides(tmp_path):
+    from refilled.reproduction import write_reproduction
+
+    methods = ["student", "rkd", "aml", "refilled-emb", "refilled-minus", "refilled"]
+    # Table 2, r = .6, WRN-(16,2): 76.37 76.20 76.45 76.90 76.66 76.66 (REFILLED^- and REFILLED tied);
+    # ours tie Student and RKD
+    ours = dict(zip(methods, [50.0, 50.0, 52.0, 53.0, 54.0, 55.0]))
+    rows = [{"ratio": "0.6", "method": m, "arch": "wrn-10-2", "seed": 0, "test_acc": ours[m]} for m in methods]
+    long = write_long(tmp_path / "t2.csv", rows)
+    _, (block,) = write_reproduction([("2", long, "fashion-mnist", ["wrn-10-2=wrn-16-2"])], tmp_path / "r.csv",
+                                     tmp_path / "r.md")
+    # by hand over the 15 pairs: 11 concordant, 2 discordant (REFILLED^EMB against REFILLED^- and REFILLED),
+    # 1 tied in ours (Student, RKD), 1 tied in the paper's: tau-b = 9 / sqrt(14 * 14) = 0.643
+    # (tau-a 0.6, tau-c 0.625, ties counted as discordant 0.467)
+    assert block["kendall_tau"] == 0.643
+    assert kendall_brute(list(ours.values()), [76.37, 76.20, 76.45, 76.90, 76.66, 76.66]) == pytest.approx(9 / 14)
+    assert block["ours_order"] == "refilled > refilled-minus > refilled-emb > aml > student > rkd"
+    assert block["paper_order"] == "refilled-emb > refilled-minus > refilled > aml > student > rkd"
+
+
+def test_reproduction_all_tied_ours_has_no_tau(tmp_path):
+    from refilled.reproduction import write_reproduction
+
+    methods = ["student", "rkd", "aml", "refilled-emb", "refilled-minus", "refilled"]
+    rows = [{"ratio": "0", "method": m, "arch": "wrn-10-2", "seed": 0, "test_acc": 50.0} for m in methods]
+    long = write_long(tmp_path / "t2.csv", rows)
+    _, (block,) = write_reproduction([("2", long, "fashion-mnist", ["wrn-10-2=wrn-16-2"])], tmp_path / "r.csv",
+                                     tmp_path / "r.md")
+    assert block["kendall_tau"] == "" and block["methods"] == 6
+    md = (tmp_path / "r.md").read_text(encoding="utf-8")
+    assert "mean tau over 0 blocks: n/a" in md and "| n/a (ours tied) |" in md
+    assert list(csv.DictReader(open(tmp_path / "r.csv", encoding="utf-8")))[0]["kendall_tau"] == ""

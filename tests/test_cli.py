@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_runner import cli
+from cli_runner import cli, failed, ok
+from cpu_pin import one_cpu  # noqa: F401 (autouse: this module runs on one CPU)
 import torch
 import torch.nn.functional as F
 
@@ -43,20 +44,6 @@ SUBCOMMANDS = ["data", "split", "train-teacher", "train-stage1", "train-stage2",
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def ok(result: tuple[int, str, str]) -> str:
-    rc, out, err = result
-    assert rc == 0, f"exit {rc}\nstdout:\n{out}\nstderr:\n{err}"
-    return out
-
-
-def failed(result: tuple[int, str, str]) -> str:
-    """Assert a clean non-zero exit (no traceback) and return stderr."""
-    rc, out, err = result
-    assert isinstance(rc, int) and rc != 0, f"expected a non-zero exit, got {rc}\nstdout:\n{out}\nstderr:\n{err}"
-    assert "Traceback" not in err, err
-    return err
 
 
 def make_learnable_fashion(root: Path, n_train: int, n_test: int, seed: int = 0) -> dict:
@@ -106,26 +93,6 @@ def forward(model, images_uint8: torch.Tensor):
 # ------------------------------------------------------------------------------------------------
 # the chain, built once
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu():
-    """Pin this module (and the subprocesses it starts) to one CPU.
-
-    `refilled.train.set_cpu_threads` gives torch one thread per CPU in the affinity mask. On a
-    2-core machine shared with other torch jobs, two spinning OpenMP threads stall for seconds
-    at a time (the chain took 8-80 s instead of 3 s); with one CPU in the mask every run uses
-    one thread and the timings are stable. Restored afterwards for the other test modules."""
-    if not hasattr(os, "sched_setaffinity"):
-        yield
-        return
-    cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    os.sched_setaffinity(0, {min(cpus)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, cpus)
-        torch.set_num_threads(threads)
 
 
 class Chain:

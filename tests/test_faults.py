@@ -39,8 +39,10 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_runner import cli
+from cli_runner import cli, failed
+from cpu_pin import one_cpu  # noqa: F401 (autouse: this module runs on one CPU)
 from snakemake_output import job_counts
+from snakemake_workflow import copy_workflow, started_snakemake_in
 import torch
 import torch.nn.functional as F
 import yaml
@@ -63,34 +65,9 @@ CPU = torch.device("cpu")
 ARCH = "wrn-10-1"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu():
-    """One CPU for this module and what it starts (see tests/test_cli.py: on a shared 2-core
-    machine two spinning torch threads make run times erratic)."""
-    if not hasattr(os, "sched_setaffinity"):
-        yield
-        return
-    cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    os.sched_setaffinity(0, {min(cpus)})
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, cpus)
-        torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def failed(result) -> str:
-    """A clean non-zero exit (no traceback); returns stderr."""
-    rc, out, err = result
-    assert isinstance(rc, int) and rc != 0, f"expected a non-zero exit, got {rc}\nstdout:\n{out}\nstderr:\n{err}"
-    assert "Traceback" not in err, err
-    return err
 
 
 def snapshot(root: Path) -> dict:
@@ -223,20 +200,8 @@ def faults_profile() -> dict:
 
 @pytest.fixture
 def wf(tmp_path):
-    """Snakefile, workflow/, config/ (+ faults and faultsref profiles), src/refilled, data/raw -> the real data."""
-    raw = ROOT / "data" / "raw" / "fashion-mnist"
-    assert raw.is_dir(), "Fashion-MNIST must be in data/raw (make data)"
-    dst = tmp_path / "wf"
-    dst.mkdir()
-    for f in ("Snakefile", "params.yaml"):
-        shutil.copy(ROOT / f, dst)
-    for d in ("workflow", "config"):
-        shutil.copytree(ROOT / d, dst / d)
-    shutil.copytree(ROOT / "src" / "refilled", dst / "src" / "refilled", ignore=shutil.ignore_patterns("__pycache__"))
-    (dst / "data" / "raw").mkdir(parents=True)
-    (dst / "data" / "raw" / "fashion-mnist").symlink_to(raw)
-    for name in ("faults", "faultsref"):
-        (dst / "config" / f"{name}.yaml").write_text(yaml.safe_dump(faults_profile()))
+    """A copy of the workflow with the faults and faultsref profiles, data/raw -> the real data."""
+    dst = copy_workflow(tmp_path / "wf", {name: faults_profile() for name in ("faults", "faultsref")})
     (tmp_path / "tmp").mkdir()     # TMPDIR of the jobs: `refilled pin` keeps its slot locks there
     return dst
 
@@ -256,8 +221,6 @@ def sm_ok(proc: subprocess.CompletedProcess) -> str:
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"snakemake failed ({proc.returncode}):\n{text[-5000:]}"
     return text
-
-
 
 
 def descendants(pid: int) -> dict[int, list[str]]:
@@ -284,18 +247,8 @@ def descendants(pid: int) -> dict[int, list[str]]:
     return found
 
 
-@contextlib.contextmanager
 def started_snakemake(wf: Path, *args):
-    """`snakemake args` in its own process group; the whole group is killed on the way out."""
-    with open(wf.parent / "snakemake-killed.log", "w") as log:
-        proc = subprocess.Popen([str(BIN / "snakemake"), *map(str, args)], cwd=wf, env=sm_env(wf), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    return started_snakemake_in(wf, args, sm_env(wf), wf.parent / "snakemake-killed.log")
 
 
 def wait_for(condition, proc: subprocess.Popen, wf: Path, timeout: float = 400) -> None:

@@ -1,18 +1,58 @@
 """A fresh clone with no data/raw obtains Fashion-MNIST itself: the card's
 `git clone ...; pip install -e .; snakemake --cores 2 results/table2.csv` does not stop at
-"missing file(s)". Here the data rule of the smoke profile, from a clone of this checkout."""
+"missing file(s)". Here the data rule of the smoke profile, from a clone of this checkout.
+The data come from Debian's dataset-fashion-mnist files or torchvision's download: without
+either (offline, no package) the test is skipped and says so."""
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import pytest
 from snakemake_output import job_counts
+
+from refilled.data import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def fashion_mnist_source(timeout: float = 5.0) -> str | None:
+    """Where a fresh clone would get Fashion-MNIST from (as scripts/get_fashion_mnist.sh does):
+    Debian's files, else torchvision's download; None where neither is there."""
+    if datasets.DEBIAN_FASHION_MNIST_DIR.is_dir():
+        return f"Debian's files in {datasets.DEBIAN_FASHION_MNIST_DIR}"
+    from torchvision.datasets import FashionMNIST
+
+    url = urlsplit(FashionMNIST.mirrors[0])
+    try:
+        socket.create_connection((url.hostname, url.port or 80), timeout=timeout).close()
+    except OSError:
+        return None
+    return f"torchvision's download from {url.hostname}"
+
+
+def test_no_source_is_told_apart_from_debian_files_and_network(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-package")
+    monkeypatch.setattr(socket, "create_connection", offline)
+    assert fashion_mnist_source() is None
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: socket.socket())
+    assert fashion_mnist_source().startswith("torchvision's download from fashion-mnist.")
+    (tmp_path / "no-package").mkdir()
+    assert fashion_mnist_source() == f"Debian's files in {tmp_path / 'no-package'}"
+
+
+@pytest.mark.slow
+@pytest.mark.network
 def test_a_clone_without_data_fetches_fashion_mnist(tmp_path):
+    if fashion_mnist_source() is None:
+        pytest.skip(f"no network and no {datasets.DEBIAN_FASHION_MNIST_DIR} (Debian package dataset-fashion-mnist): "
+                    "a fresh clone has nowhere to get Fashion-MNIST from")
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     assert not (clone / "data" / "raw").exists()

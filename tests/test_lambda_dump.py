@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cli_runner import cli
+from cli_runner import cli, ok
+from cpu_pin import one_cpu  # noqa: F401 (autouse: this module runs on one CPU)
 from fakedata import idx_bytes, make_fashion_idx, write_maybe_gz
 from refilled.checkpoints import load_model
 from refilled.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_dataset
@@ -30,28 +30,6 @@ from refilled.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_dataset
 pytestmark = pytest.mark.slow
 
 N_TRAIN, N_TEST = 16, 4        # per class
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu():
-    """One CPU for this module (see tests/test_cli.py: two spinning torch threads on a shared
-    2-core machine make run times erratic)."""
-    if not hasattr(os, "sched_setaffinity"):
-        yield
-        return
-    cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    os.sched_setaffinity(0, {min(cpus)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, cpus)
-        torch.set_num_threads(threads)
-
-
-def _ok(result) -> str:
-    rc, out, err = result
-    assert rc == 0, f"exit {rc}\nstdout:\n{out}\nstderr:\n{err}"
-    return out
 
 
 def _rows(path: Path) -> list[dict]:
@@ -68,21 +46,21 @@ def runs(tmp_path_factory):
         images = fake[f"{prefix}_images"] // 2 + 6 * fake[f"{prefix}_labels"][:, None, None]
         write_maybe_gz(fake["dir"] / f"{prefix}-images-idx3-ubyte", idx_bytes(images.astype(np.uint8)), False)
     split = base / "split.json"
-    _ok(cli(["split", "--dataset", "fashion-mnist", "--ratio", 0.5, "--seed", 0, "--classes-per-task", 2,
-             "--out", split]))
+    ok(cli(["split", "--dataset", "fashion-mnist", "--ratio", 0.5, "--seed", 0, "--classes-per-task", 2,
+            "--out", split]))
     common = ["--split", split, "--arch", "wrn-10-1", "--data-root", root, "--no-checksum", "--batch-size", 8,
               "--device", "cpu"]
     dirs = {name: base / "runs" / name for name in ("teacher", "stage1", "batch", "fixed", "batch-tc", "fixed-tc")}
-    _ok(cli(["train-teacher", *common, "--epochs", 2, "--out", dirs["teacher"]]))
+    ok(cli(["train-teacher", *common, "--epochs", 2, "--out", dirs["teacher"]]))
     teacher = dirs["teacher"] / "model.pt"
-    _ok(cli(["train-stage1", *common, "--epochs", 1, "--teacher", teacher, "--out", dirs["stage1"]]))
+    ok(cli(["train-stage1", *common, "--epochs", 1, "--teacher", teacher, "--out", dirs["stage1"]]))
     s1 = dirs["stage1"] / "model.pt"
     alias = ["train-stage2", "--variant", "refilled"]      # the issue's spelling: --centers batch
     train = ["train", "--method", "refilled"]               # the catalog's: --set centers=batch
     for name, command in (("batch", [*alias, "--centers", "batch"]), ("fixed", alias),
                           ("batch-tc", [*train, "--set", "centers=batch", "--set", "weighting=true-class"]),
                           ("fixed-tc", [*train, "--set", "weighting=true-class"])):
-        _ok(cli([*command, *common, "--epochs", 2, "--teacher", teacher, "--init", s1, "--out", dirs[name]]))
+        ok(cli([*command, *common, "--epochs", 2, "--teacher", teacher, "--init", s1, "--out", dirs[name]]))
     return {"root": root, "split": json.loads(split.read_text()), "dirs": dirs}
 
 

@@ -18,11 +18,9 @@ slurm-wlm and munge). Jobs run on the CPU; the node's GPUs are placeholders.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +33,7 @@ import pytest
 import yaml
 
 from snakemake_output import job_counts
+from snakemake_workflow import copy_workflow, started_snakemake_in
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -66,19 +65,8 @@ test_profile.__test__ = False     # a helper, not a test
 
 
 def make_workflow(dst: Path, profiles=(PROFILE,)) -> Path:
-    """Snakefile, workflow/, config/ (+ the test profiles), src/refilled, data/raw -> the real data."""
-    raw = ROOT / "data" / "raw" / "fashion-mnist"
-    assert raw.is_dir(), "Fashion-MNIST must be in data/raw (make data)"
-    dst.mkdir(parents=True)
-    for f in ("Snakefile", "params.yaml"):
-        shutil.copy(ROOT / f, dst)
-    for d in ("workflow", "config"):
-        shutil.copytree(ROOT / d, dst / d)
-    shutil.copytree(ROOT / "src" / "refilled", dst / "src" / "refilled", ignore=shutil.ignore_patterns("__pycache__"))
-    (dst / "data" / "raw").mkdir(parents=True)
-    (dst / "data" / "raw" / "fashion-mnist").symlink_to(raw)
-    for name in profiles:
-        (dst / "config" / f"{name}.yaml").write_text(yaml.safe_dump(test_profile()))
+    """A copy of the workflow with the test profiles, data/raw -> the real data."""
+    copy_workflow(dst, {name: test_profile() for name in profiles})
     (dst / "tmp").mkdir()             # TMPDIR of the jobs: `refilled pin` keeps its slot locks there
     return dst
 
@@ -101,19 +89,8 @@ def snakemake(wf: Path, *args, cluster=None, timeout: float = 900) -> str:
     return text
 
 
-@contextlib.contextmanager
 def started_snakemake(wf: Path, *args, cluster=None):
-    """`snakemake args` in its own session; whatever of it is left is killed on the way out."""
-    log = open(wf / "snakemake-started.log", "w")
-    proc = subprocess.Popen([str(BIN / "snakemake"), *map(str, args)], cwd=wf, env=env(wf, cluster), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+    return started_snakemake_in(wf, args, env(wf, cluster), wf / "snakemake-started.log")
 
 
 def wait_for(condition, what: str, proc: subprocess.Popen | None = None, wf: Path | None = None,

@@ -75,6 +75,13 @@ def test_every_number_of_the_tables_is_in_the_csv():
     assert len(supplement.rows()) == 5 * 6 * 4 + 6 * 6 * 4 + 7 * 3 + 2 * 3
 
 
+def test_each_cell_is_in_the_csv_once():
+    """A repeated (table, ratio, student, method, k_hat) would shadow a cell: `value` reads the first."""
+    keys = [(r["table"], r["ratio"], r["student"], r["method"], r["k_hat"]) for r in supplement.rows()]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    assert not repeated, repeated
+
+
 def test_names_are_ours():
     """Methods are catalog names (Table 3's REFILLED: refilled-std, the standard-KD settings) and
     the ratios are spelled as in our paths."""

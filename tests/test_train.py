@@ -5,6 +5,7 @@ import math
 
 import pytest
 from fakedata import tiny_dataset
+from resume_check import kill_then_resume
 import torch
 
 from refilled.data.batches import Batches, random_crop_flip, task_split
@@ -84,47 +85,13 @@ def test_metrics_csv_has_one_row_per_epoch(tmp_path):
     assert state["epoch"] == 3
 
 
-class Killed(Exception):
-    pass
-
-
-def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+def test_killed_run_resumes_to_identical_weights(tmp_path):
     ds = tiny_dataset()
     reference, _ = _run(tmp_path / "straight", 4, ds)
-
-    # Kill the second run in the middle of epoch 3 (after two finished epochs).
-    import refilled.train as train_mod
-
-    real_epoch = train_mod._train_epoch
-    calls = {"n": 0}
-
-    def dying_epoch(method, batches, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            it = iter(batches)
-            next(it)  # some work of epoch 3 happens, then the process dies
-            raise Killed
-        return real_epoch(method, batches, *a, **k)
-
-    monkeypatch.setattr(train_mod, "_train_epoch", dying_epoch)
-    with pytest.raises(Killed):
-        _run(tmp_path / "killed", 4, ds)
-    assert load_tensors(tmp_path / "killed" / "resume.pt")["epoch"] == 2
-    monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)
-
-    calls_after = {"n": 0}
-
-    def counting_epoch(*a, **k):
-        calls_after["n"] += 1
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(train_mod, "_train_epoch", counting_epoch)
-    resumed, _ = _run(tmp_path / "killed", 4, ds)
-    assert calls_after["n"] == 2, "resume must continue after the last finished epoch, not from zero"
+    # killed in the middle of epoch 3 (after two finished epochs), then the same call again
+    resumed, _ = kill_then_resume(lambda run_dir: _run(run_dir, 4, ds), tmp_path / "killed", 4, killed_in_epoch=3)
     for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), f"{k} differs after resume"
-    rows = list(csv.DictReader(open(tmp_path / "killed" / "metrics.csv")))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):
