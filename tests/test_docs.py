@@ -13,7 +13,8 @@ repository does not ship.
 - Every relative link resolves to a file of the repository, and its #anchor to a heading.
 - Every `docs/...` path named in the code, the tests, the config profiles and the workflow
   exists.
-- No `--help` text prints a doubled percent sign.
+- The commands the missing-data messages suggest parse, and no `--help` text prints a
+  doubled percent sign.
 """
 
 from __future__ import annotations
@@ -157,6 +158,16 @@ def test_refilled_command_parses(page, command):
     argv = words(command)
     problems = [(alt, p) for alt in alternatives([w for w in argv if w != "..."]) if (p := refilled_problem(alt))]
     assert not problems, f"{page}: `{command}`: {problems[0][1]}"
+
+
+def test_commands_the_data_messages_suggest_parse():
+    """`refilled data check` and `refilled doctor` tell a user without data what to run."""
+    from refilled.data.datasets import HOW_TO_OBTAIN
+    suggested = [c for how in HOW_TO_OBTAIN.values()
+                 for c in commands_in(how.format(root="data/raw", dir="data/raw/DATASET"))]
+    assert suggested, "no message suggests a refilled command"
+    problems = [(c, p) for c in suggested if (p := refilled_problem(words(c)))]
+    assert not problems, problems
 
 
 def test_refilled_help_texts_have_no_doubled_percent():
