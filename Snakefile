@@ -6,7 +6,7 @@
 #
 # This file is thin: the configuration, paths and helpers live in workflow/rules/common.smk,
 # one .smk per stage beside it. Every rule runs one `refilled` command; nothing here imports
-# torch. See the README, section "Workflow".
+# torch. See docs/workflow.md.
 
 configfile: f"{workflow.basedir}/params.yaml"
 

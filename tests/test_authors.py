@@ -25,7 +25,7 @@ from refilled.models.wrn import WideResNet
 
 
 # ---------------------------------------------------------------------------------------------
-# numpy oracles (method.md, "Stage 2")
+# numpy oracles (docs/method.md, "Stage 2")
 # ---------------------------------------------------------------------------------------------
 
 
@@ -292,7 +292,7 @@ def test_batch_min_has_no_host_sync_and_bad_k_mode_raises():
 
 
 # ---------------------------------------------------------------------------------------------
-# class orders (method.md, "Split"; GKD utils/split_class.py)
+# class orders (docs/method.md, "Split"; GKD utils/split_class.py)
 # ---------------------------------------------------------------------------------------------
 
 CIFAR_FS_VAL = ("beaver otter flatfish shark lamp television beetle butterfly sea camel cattle crab crocodile "

@@ -79,11 +79,11 @@ def test_every_entry_loads_and_declares_what_its_class_takes(name):
     assert {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY} == set(values), name
 
 
-def test_readme_method_table_is_the_catalogs():
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- methods-table[^\n]*-->\n(.*?)<!-- /methods-table -->", readme, re.S)
-    assert block, "README has no methods-table block"
-    assert block.group(1) == protocol_table(), "run: refilled methods --readme README.md"
+def test_docs_method_table_is_the_catalogs():
+    page = (ROOT / "docs" / "cli.md").read_text()
+    block = re.search(r"<!-- methods-table[^\n]*-->\n(.*?)<!-- /methods-table -->", page, re.S)
+    assert block, "docs/cli.md has no methods-table block"
+    assert block.group(1) == protocol_table(), "run: refilled methods --readme docs/cli.md"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -468,7 +468,7 @@ def test_lambda_dump_of_refilled(chain):
     w_csv = torch.tensor([float(r["confidence"]) for r in rows], dtype=torch.float64)
     lam = torch.tensor([float(r["lambda_i"]) for r in rows], dtype=torch.float64)
 
-    # independent recomputation from the raw files and the teacher's model.pt (method.md, [C] wgkd):
+    # independent recomputation from the raw files and the teacher's model.pt (docs/method.md, [C wgkd]):
     # w_i = -log max_k p_T(k|x_i) of the teacher's own head; per training batch (batch size 8, epoch 0's
     # seeded order), w~ = (w - min) / (max - min); lambda_i = lam * 2 sigmoid(-w~), lam = 2
     from refilled.data.batches import epoch_generator

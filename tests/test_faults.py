@@ -16,7 +16,7 @@
  plus `refilled doctor` on a tree with a finished and an incomplete run.
 
 Where another module already checks part of a guarantee, the test here adds what it does not
-(see the README, "When something goes wrong"). The Snakemake tests run the real workflow in a
+(see docs/troubleshooting.md). The Snakemake tests run the real workflow in a
 temporary copy with the profile `faults`: the smoke profile on the CPU with 3-epoch teacher and
 stage-1 runs (so that a run can be killed between epochs) and a two-run Table 4.
 """
@@ -357,7 +357,7 @@ def test_killed_snakemake_reruns_only_the_missing_jobs_and_builds_tables_from_co
     proc3 = snakemake(wf, *args, "--rerun-incomplete")
     assert proc3.returncode != 0 and "--unlock" in proc3.stdout + proc3.stderr, (proc3.stdout + proc3.stderr)[-3000:]
     assert snapshot(wf / "results") == everything
-    # what the README says to do
+    # what docs/troubleshooting.md says to do
     sm_ok(snakemake(wf, *args, "--unlock"))
     text = sm_ok(snakemake(wf, *args, "--rerun-incomplete"))
 

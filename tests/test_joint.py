@@ -362,7 +362,7 @@ def test_an_embedding_only_method_gets_no_joint_head(tiny_runs):
 
 
 def test_lwf_term_is_zero_with_a_single_old_class():
-    # the documented limitation (README, Table H): a softmax over one class is 1, so the KL is 0
+    # the documented limitation (docs/method.md, Harmonic mean): a softmax over one class is 1, so the KL is 0
     # whatever the logits, and the old head of a run with |C' \ C| = 1 gets no signal
     s = torch.randn(5, 1, requires_grad=True)
     loss = lwf_loss(s, torch.randn(5, 1) * 10)

@@ -2,8 +2,8 @@
 (`train-stage2 --centers batch`): training used centres from each batch, but wherever the
 dump uses centres (p_teacher_true, the local classifier over all student classes, and λ_i
 under `weighting: true-class`) they are, as in the fixed-centre run, the teacher's class
-centres of all the student's un-augmented training images, computed before training (README,
-protocol table). Checked against an independent recomputation of p_teacher_true from the raw
+centres of all the student's un-augmented training images, computed before training (docs/method.md,
+protocol choices). Checked against an independent recomputation of p_teacher_true from the raw
 files and the teacher's model.pt, and against the dump of the same run with fixed centres
 (the dump must not depend on the centre mode), for the default weighting and for true-class.
 

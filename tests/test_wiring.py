@@ -90,7 +90,7 @@ def test_stage2_lam_and_tau_reach_the_term_and_the_dump(tmp_path):
     method.prepare(run)
     _, terms = method.loss(x, y)
 
-    # independent: numpy, from method.md (local classes = all 3 present; KL(p_T || p_S), both / tau)
+    # independent: numpy, from docs/method.md (local classes = all 3 present; KL(p_T || p_S), both / tau)
     with torch.no_grad():
         t_emb = teacher(x).embedding.double().numpy()
         s_logits = student(x).logits.double().numpy()

@@ -1,7 +1,6 @@
 """Do the supplement's claims hold on our runs? `refilled claims` (results/claims.{csv,md}).
 
-Each claim is tested by comparisons fixed before any run (README, "The claims and their
-rules"). A comparison is a paired difference per seed: both sides share the seed's teacher,
+Each claim is tested by comparisons fixed before any run (docs/claims.md, "The rules"). A comparison is a paired difference per seed: both sides share the seed's teacher,
 split and subsample, and a difference is averaged over the students of the table first, so
 the seeds are the independent units. Its 95% interval is Student's t over the seeds
 (mean ± t(0.975, n-1) · s/√n); with one seed there is no interval.

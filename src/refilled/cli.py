@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Fashion-MNIST: copy the official IDX files under ROOT/fashion-mnist from the "
                                             "Debian package dataset-fashion-mnist if installed, else torchvision's download. "
                                             "CIFAR-100: torchvision's download (needs a network), MD5-verified. "
-                                            "CUB-200-2011 cannot be fetched automatically; see the README.")
+                                            "CUB-200-2011 cannot be fetched automatically; see docs/datasets.md.")
     fetch.add_argument("--dataset", choices=("fashion-mnist", "cifar100"), default="fashion-mnist")
     fetch.add_argument("--root", default="data/raw")
     fetch.set_defaults(func=cmd_data_fetch)
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     split = sub.add_parser("split", help="write a class-overlap split (teacher and student classes)",
                            description="Teacher classes pi[0:h], student classes pi[h(1-r):h(2-r)] of a seeded "
-                                       "class permutation pi; see docs in the README.")
+                                       "class permutation pi (or the authors' fixed order); see docs/method.md.")
     split.add_argument("--dataset", required=True, choices=("fashion-mnist", "cifar100", "cub200"))
     split.add_argument("--ratio", required=True, type=float, help="overlap |C & C'| / |C|")
     split.add_argument("--seed", required=True, type=int)
@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list the catalog: methods, their hyper-parameters and defaults",
                              description="The catalog (src/refilled/methods/catalog.py) as a Markdown table; "
-                                         "the README's method table is this output.")
-    methods.add_argument("--readme", type=Path, help="rewrite the methods-table block of this README instead")
+                                         "docs/cli.md's methods table is this output.")
+    methods.add_argument("--readme", type=Path, help="rewrite the methods-table block of this Markdown file (docs/cli.md) instead")
     methods.set_defaults(func=cmd_methods)
 
     ncm = sub.add_parser("ncm", help="NCM accuracy of a model's embedding on one task of a split",
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="a paper table (1-4) from run summaries: wide CSV, long CSV, Markdown",
                            description="Tables 1 and 2: one block per overlap ratio, methods as rows, student "
                                        "architectures as columns, cells 'mean ± std' of the final-epoch test accuracy "
-                                       "(%%) over seeds. Table 3 (standard KD, one ratio): the same, the teacher's "
+                                       "(%) over seeds. Table 3 (standard KD, one ratio): the same, the teacher's "
                                        "accuracy in the caption (--teachers). Table 4: overlap ratios as rows, K-hat as columns, NCM accuracy "
                                        "after stage 1. Every number is read from the summary.json files given; a "
                                        "missing or duplicated cell is an error.")
@@ -245,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     fig.set_defaults(func=cmd_figure)
 
     claims = sub.add_parser("claims", help="test the supplement's claims over seeds: verdicts in CSV and Markdown",
-                            description="Paired per-seed differences, 95%% Student-t intervals and a verdict (holds / "
+                            description="Paired per-seed differences, 95% Student-t intervals and a verdict (holds / "
                                         "fails / inconclusive) per comparison, by the rules of refilled.claims (and "
-                                        "the README). Inputs are the workflow's tables and run summaries.")
+                                        "docs/claims.md). Inputs are the workflow's tables and run summaries.")
     claims.add_argument("--table", nargs=2, action="append", default=[], metavar=("N", "LONG_CSV"),
                         help="claims (a), (b): table N (1 or 2) and its long CSV; repeatable")
     claims.add_argument("--table4", type=Path, help="claim (d): results/table4_long.csv")
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("reproduction", help="our tables beside the supplement's: values, or the methods' orderings",
                          description="Same dataset and students as the paper: each cell beside the supplement's value "
-                                     "and whether that value lies inside our 95%% t-interval. Another dataset: Kendall's "
+                                     "and whether that value lies inside our 95% t-interval. Another dataset: Kendall's "
                                      "tau between our ordering of the methods and the supplement's, per cell block.")
     rep.add_argument("--table", nargs=4, action="append", required=True,
                      metavar=("N", "LONG_CSV", "DATASET", "STUDENTS"),
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     gain = sub.add_parser("gain-vs-data", help="gain of each method over the reference against the student's data",
                           description="Per (images per class, overlap ratio): each method's accuracy minus the "
                                       "reference's, paired per seed, the reference's accuracy and the teacher "
-                                      "embedding's NCM accuracy on the student's classes, with 95%% t-intervals.")
+                                      "embedding's NCM accuracy on the student's classes, with 95% t-intervals.")
     gain.add_argument("--summaries", required=True, nargs="+", type=Path, help="summary.json of every sweep run")
     gain.add_argument("--teacher-ncm", nargs="*", type=Path, default=[],
                       help="JSON of `refilled ncm --task student` with the teacher's model, one per point and seed")

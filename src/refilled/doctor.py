@@ -47,7 +47,7 @@ exit status:
      incomplete run does not load, or torch cannot be imported
   2  usage error
 
-Nothing is written or deleted. See the README, section "When something goes wrong".
+Nothing is written or deleted. See docs/troubleshooting.md.
 """
 
 

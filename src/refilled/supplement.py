@@ -1,5 +1,7 @@
-"""The supplement's Tables 1-4 as data (`supplement_tables.csv`, transcribed once from
-docs/refilled-supplement.txt; tests/test_supplement.py checks every cell against that text).
+"""The supplement's Tables 1-4 as data (`supplement_tables.csv`, transcribed once from the
+supplemental material of Ye, Lu and Zhan, "Generalized Knowledge Distillation via Relationship
+Matching", IEEE TPAMI 2022; the repository does not ship that text: tests/test_supplement.py
+checks every cell against a copy at ../shared/paper/refilled-supplement.txt where there is one).
 
 One row per cell: table ("1".."4"), ratio (as in our paths: 0, 0.25, 1), student (our
 architecture names), method (catalog names; Table 4: stage1), k_hat (Table 4 only) and

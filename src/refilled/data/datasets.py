@@ -39,12 +39,13 @@ _DIRNAMES = {"fashion-mnist": "fashion-mnist", "cifar100": "cifar-100-python", "
 HOW_TO_OBTAIN = {
     "fashion-mnist": (
         "install the Debian package (`apt-get install dataset-fashion-mnist`, files in "
-        "/usr/share/datasets/fashion-mnist) and run `refilled data fetch fashion-mnist`, or place the four "
+        "/usr/share/datasets/fashion-mnist) and run `refilled data fetch --dataset fashion-mnist --root {root}`, or place the four "
         "official IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
         "t10k-labels-idx1-ubyte; plain or .gz) from https://github.com/zalandoresearch/fashion-mnist in {dir}"
     ),
     "cifar100": (
-        "download cifar-100-python.tar.gz (python version) from https://www.cs.toronto.edu/~kriz/cifar.html "
+        "run `refilled data fetch --dataset cifar100 --root {root}` (needs a network), or download "
+        "cifar-100-python.tar.gz (python version) from https://www.cs.toronto.edu/~kriz/cifar.html "
         "and extract it in {root} so that {dir}/train, test and meta exist"
     ),
     "cub200": (

@@ -1,4 +1,4 @@
-"""Class-overlap splits for generalized knowledge distillation (method.md, "Split").
+"""Class-overlap splits for generalized knowledge distillation (docs/method.md, "Split").
 
 A class order pi of the N classes is fixed. With h classes per task and overlap ratio r,
 the teacher learns C' = pi[0:h] and the student C = pi[h(1-r) : h(2-r)], so

@@ -176,8 +176,8 @@ def registered(*entries: Entry) -> Iterator[None]:
 
 
 def protocol_table() -> str:
-    """Markdown: every method's hyper-parameters with defaults and meanings (the README's
-    method table is this text; a test keeps them equal)."""
+    """Markdown: every method's hyper-parameters with defaults and meanings (docs/cli.md's
+    methods table is this text; a test keeps them equal)."""
     lines = ["| method | hyper-parameter | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
     for e in CATALOG.values():
         hp = e.hparams

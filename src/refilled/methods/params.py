@@ -10,7 +10,7 @@ Every method file declares its hyper-parameters once, as a literal at the top:
 name -> (type, default, one-line meaning). It is a literal so that the catalog can read it
 from the file's source without importing torch (the Snakefile and the profile checks run
 in the scheduler process). The command line (`--set key=value` and the alias flags), the
-profile schema, the run fingerprint and the README's protocol table are derived from it.
+profile schema, the run fingerprint and docs/cli.md's methods table are derived from it.
 
 Types: "float", "float>0", "float>=0", "int>=1", "k_hat" (an integer >= 1 or inf),
 "bool", "choice:a|b|c".
@@ -42,7 +42,7 @@ class HParam:
         return tuple(self.type.split(":", 1)[1].split("|")) if self.type.startswith("choice:") else ()
 
     def allowed(self) -> str:
-        """The allowed values, in words (error messages, README)."""
+        """The allowed values, in words (error messages, docs/cli.md)."""
         if self.choices:
             return "one of " + ", ".join(self.choices)
         return {"float": "a number", "float>0": "a number > 0", "float>=0": "a number >= 0",
