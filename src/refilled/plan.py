@@ -309,7 +309,7 @@ def total(groups: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------
 
 def _si(x: float, unit: str) -> str:
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    for factor, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= factor:
             return f"{x / factor:.3g} {prefix}{unit}"
     return f"{x:.3g} {unit}"
@@ -318,6 +318,8 @@ def _si(x: float, unit: str) -> str:
 def _hours(s: float | None) -> str:
     if s is None:
         return "n/a"
+    if s >= 100 * 3600:
+        return f"{s / 3600:,.0f} h"
     return f"{s / 3600:.3g} h" if s >= 3600 else (f"{s / 60:.3g} min" if s >= 60 else f"{s:.3g} s")
 
 
