@@ -289,12 +289,19 @@ def test_bad_bench_file_names_file_and_line(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("profile", ["smoke", "demo"])
 def test_training_runs_equal_the_dry_runs_training_jobs(tmp_path, profile):
+    """The plan's runs are the dry run's jobs of rules teacher, train and joint_reference, run
+    directory for run directory (the spelling common.smk's paths use)."""
+    import re
+
     proc = subprocess.run([BIN / "snakemake", "all", "-n", "--cores", "2", "-s", ROOT / "Snakefile", "-d", tmp_path,
                            "--config", f"profile={profile}"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = job_counts(proc.stdout + proc.stderr)
+    out = proc.stdout + proc.stderr
+    jobs = job_counts(out)
+    dirs = set(re.findall(rf"^\s+output: results/runs/{profile}/(\S+?)/summary\.json", out, flags=re.M))
     plan = plan_rows(profile)
     kinds = {k: sum(r["run"].kind == k for r in plan["rows"]) for k in ("teacher", "student", "reference")}
     assert (kinds["teacher"], kinds["student"], kinds["reference"]) == \
         (jobs["teacher"], jobs["train"], jobs.get("joint_reference", 0))
+    assert {r["run"].path for r in plan["rows"]} == dirs
