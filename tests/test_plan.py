@@ -233,7 +233,8 @@ def test_plan_imports_no_torch_and_writes_csv(tmp_path):
         reader = csv.DictReader(f)
         rows = list(reader)
     assert reader.fieldnames == ["method", "arch", "px", "runs", "steps", "images", "train_flops", "eval_flops",
-                                 "train_flops_per_image", "checkpoint_bytes", "cpu_seconds", "gpu_seconds"]
+                                 "fwd_flops_per_image", "train_flops_per_image", "checkpoint_bytes", "cpu_seconds",
+                                 "gpu_seconds"]
     body, last = rows[:-1], rows[-1]
     assert last["method"] == "TOTAL"
     for key in ("runs", "steps", "images", "train_flops", "checkpoint_bytes"):
@@ -269,10 +270,11 @@ def test_plan_gpu_time_from_a_bench_file(tmp_path):
     (["--profile", "smoke", "results/table9.csv"], "unknown target 'results/table9.csv'"),
     (["--profile", "smoke", "--bench", "missing.csv"], "missing.csv"),
     (["--profile", "smoke", "--cores", "0"], "--cores"),
+    (["--profile", "smoke", "--root", "/nonexistent"], "--root /nonexistent"),
 ])
 def test_bad_input_exits_2_naming_it_and_writes_nothing(tmp_path, argv, needle):
     out = tmp_path / "plan.csv"
-    rc, _, err = cli(["plan", "--root", ROOT, *argv, "--out", out])
+    rc, _, err = cli(["plan", "--root", ROOT, *argv, "--out", out])   # a later --root wins
     assert rc == 2 and needle in err, err
     assert not out.exists()
 

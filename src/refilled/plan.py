@@ -64,7 +64,7 @@ DEFAULT_OVERHEAD_S = 4.0
 DEFAULT_OVERHEAD_SOURCE = "the README's 3-5 s a job on this 2-core machine, 2 Dec 2026"
 
 CSV_COLUMNS = ["method", "arch", "px", "runs", "steps", "images", "train_flops", "eval_flops",
-               "train_flops_per_image", "checkpoint_bytes", "cpu_seconds", "gpu_seconds"]
+               "fwd_flops_per_image", "train_flops_per_image", "checkpoint_bytes", "cpu_seconds", "gpu_seconds"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -97,9 +97,9 @@ def run_plan(cfg: dict, run: Run, table: dict, figure1: set[str] | None = None) 
 
     if run.kind == "reference":     # teacher and student forward over a balanced test set of C' and C
         eval_flops = 2 * test_n * (student.fwd + teacher.fwd)
-        return _row(run, data.px, 0, 0, 0, 0, eval_flops, 0)
+        return _row(run, data.px, 0, 0, 0, 0, eval_flops, 0, student.fwd)
     if run.kind == "teacher_ncm":   # the teacher's embedding over the student's training and test images
-        return _row(run, data.px, 0, 0, 0, 0, (n_train + test_n) * teacher.fwd, 0)
+        return _row(run, data.px, 0, 0, 0, 0, (n_train + test_n) * teacher.fwd, 0, teacher.fwd)
 
     per_epoch = steps_per_epoch(n_train, batch)
     steps = epochs * per_epoch
@@ -114,15 +114,15 @@ def run_plan(cfg: dict, run: Run, table: dict, figure1: set[str] | None = None) 
     per_eval = test_n + h * val + (n_train if ncm else 0)
     final = n_train + test_n if run.kind == "student" and not ncm else 0   # the finished run's NCM accuracy
     eval_flops = (n_evals * per_eval + final) * student.fwd
-    return _row(run, data.px, 1, steps, images, images * per_image, eval_flops, student.checkpoint_bytes)
+    return _row(run, data.px, 1, steps, images, images * per_image, eval_flops, student.checkpoint_bytes, student.fwd)
 
 
 def _row(run: Run, px: int, trains: int, steps: int, images: int, train_flops: int, eval_flops: int,
-         checkpoint_bytes: int) -> dict:
+         checkpoint_bytes: int, fwd_per_image: int) -> dict:
     method = "teacher" if run.kind == "teacher" else run.method + (" (joint)" if run.joint else "")
     return {"run": run, "method": method, "arch": run.arch, "px": px, "trains": trains, "steps": steps,
             "images": images, "train_flops": train_flops, "eval_flops": eval_flops,
-            "checkpoint_bytes": checkpoint_bytes}
+            "checkpoint_bytes": checkpoint_bytes, "fwd_flops_per_image": fwd_per_image}
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,17 +286,19 @@ def group(rows: list[dict]) -> list[dict]:
                                     "images": 0, "train_flops": 0, "eval_flops": 0, "checkpoint_bytes": 0,
                                     "cpu_seconds": 0.0, "gpu_seconds": 0.0 if r["gpu_seconds"] is not None else None})
         g["runs"] += 1
+        g.setdefault("fwd", []).append(r["fwd_flops_per_image"])
         for k in ("steps", "images", "train_flops", "eval_flops", "checkpoint_bytes", "cpu_seconds"):
             g[k] += r[k]
         if g["gpu_seconds"] is not None:
             g["gpu_seconds"] += r["gpu_seconds"]
-    for g in groups.values():
+    for g in groups.values():   # per image: the mean over the group's runs (their classes may differ)
+        g["fwd_flops_per_image"] = round(statistics.fmean(g.pop("fwd")))
         g["train_flops_per_image"] = round(g["train_flops"] / g["images"]) if g["images"] else 0
     return list(groups.values())
 
 
 def total(groups: list[dict]) -> dict:
-    t = {"method": "TOTAL", "arch": "", "px": "", "train_flops_per_image": ""}
+    t = {"method": "TOTAL", "arch": "", "px": "", "fwd_flops_per_image": "", "train_flops_per_image": ""}
     for k in ("runs", "steps", "images", "train_flops", "eval_flops", "checkpoint_bytes", "cpu_seconds"):
         t[k] = sum(g[k] for g in groups)
     gpu = [g["gpu_seconds"] for g in groups]
@@ -326,9 +328,11 @@ def _hours(s: float | None) -> str:
 def format_plan(plan: dict) -> str:
     groups = plan["groups"]
     rows = groups + [total(groups)]
-    head = ["method", "arch", "px", "runs", "steps", "images", "train FLOPs", "eval FLOPs", "model.pt", "CPU time",
-            "GPU time"]
+    head = ["method", "arch", "px", "runs", "steps", "images", "fwd/img", "step/img", "train FLOPs", "eval FLOPs",
+            "model.pt", "CPU time", "GPU time"]
+    per_image = lambda v: _si(v, "FLOP") if v != "" else ""
     cells = [[str(r["method"]), str(r["arch"]), str(r["px"]), f"{r['runs']:,}", f"{r['steps']:,}", f"{r['images']:,}",
+              per_image(r["fwd_flops_per_image"]), per_image(r["train_flops_per_image"]),
               _si(r["train_flops"], "FLOP"), _si(r["eval_flops"], "FLOP"), _si(r["checkpoint_bytes"], "B"),
               _hours(r["cpu_seconds"]), _hours(r["gpu_seconds"])] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *cells)]
@@ -338,7 +342,8 @@ def format_plan(plan: dict) -> str:
     evals = len(plan["rows"]) - len(trains)
     cpu, gpu = plan["cpu"], plan["gpu"]
     out = [f"refilled plan: profile {plan['profile']}, targets {' '.join(plan['targets'])}: "
-           f"{len(trains)} training jobs ({teachers} teachers, {len(trains) - teachers} student runs)"
+           f"{len(trains)} training jobs ({teachers} teacher{'s' * (teachers != 1)}, {len(trains) - teachers} student "
+           f"run{'s' * (len(trains) - teachers != 1)})"
            + (f" and {evals} evaluation jobs (Table H references, teacher NCM)" if evals else ""),
            "", line(head), line(["-" * w for w in widths]), *[line(c) for c in cells], "",
            f"CPU time per job: {plan['overhead_s']:g} s fixed ({DEFAULT_OVERHEAD_SOURCE if plan['overhead_s'] == DEFAULT_OVERHEAD_S else '--overhead-s'})"
@@ -354,7 +359,9 @@ def format_plan(plan: dict) -> str:
            f"few kB a run); prepared data {_si(plan['prepared_bytes'], 'B')}"
            + (f"; CUB decoded cache {_si(plan['cache_bytes'], 'B')} (CUDA runs, in ~/.cache/refilled)"
               if plan["cache_bytes"] else ""),
-           "Not counted: the methods' own loss arithmetic (RKD angles, stage-1 mining, Jacobian's double backward)."]
+           "fwd/img: the student's forward pass; step/img: a training step's FLOPs per image (the student's forward "
+           "and backward, plus the teacher's forward where the run reads one). Not counted: the methods' own loss "
+           "arithmetic (RKD angles, stage-1 mining, Jacobian's double backward)."]
     return "\n".join(out)
 
 
@@ -410,6 +417,8 @@ def cmd_plan(args) -> int:
         raise PlanError(f"--cores: {args.cores}: expected at least 1")
     if args.overhead_s < 0:
         raise PlanError(f"--overhead-s: {args.overhead_s}: expected a number >= 0")
+    if not (args.root / "config").is_dir():
+        raise PlanError(f"--root {args.root}: no config/ directory there (run in the repository or give --root)")
     profile = args.profile or default_profile(args.root)
     plan = build_plan(args.root, profile, args.targets, args.bench, args.cores, args.overhead_s)
     print(format_plan(plan))
