@@ -57,9 +57,10 @@ DEFAULT_CPU_BENCH_SOURCE = ("plan_cpu_bench.csv: WRN-(16,1) steps at batch 16 me
                             "(README, 2 Dec 2026), MobileNet-0.25 steps measured on 4 Dec 2026 under load and scaled "
                             "by the WRN-(16,1) CE step's unloaded / loaded ratio")
 # Fixed cost of one job beyond its FLOPs (starting Python, importing torch, data, teacher, writing):
-# the README's "3-5 s" a job on this 2-core machine with nothing else running (2 Dec 2026). (Issue 29
-# measured 13.2 s a job in `make demo` on 4 Dec with other work running: (3,259 s of job wall time -
-# 1,754 s inside epochs) / 114 training jobs; under load, like the rates, it is no default.)
+# the README's "3-5 s" a job on this 2-core machine with nothing else running (2 Dec 2026); the smoke
+# DAG of 26 Nov agrees (74 jobs in 2 min 0 s on 2 cores, about 10 s of it training). Issue 29's 13.2 s
+# a job (`make demo` on 4 Dec, (3,259 s of job wall time - 1,754 s in epochs) / 114 training jobs)
+# was measured with other work running, so it does not go with the unloaded rates.
 DEFAULT_OVERHEAD_S = 4.0
 DEFAULT_OVERHEAD_SOURCE = "the README's 3-5 s a job on this 2-core machine, 2 Dec 2026"
 
