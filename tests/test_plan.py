@@ -265,6 +265,23 @@ def test_plan_gpu_time_from_a_bench_file(tmp_path):
     assert "NVIDIA H100" in stdout
 
 
+def test_cpu_rate_follows_the_jobs_threads(tmp_path):
+    """A bench row measured with 2 threads; smoke's jobs run on 1 core each: half the rate."""
+    from refilled.flops import Costs, load_table
+    from refilled.plan import BENCH_CLASSES
+
+    bench = tmp_path / "bench.csv"
+    bench.write_text("method,student,teacher,px,jobs,ours_img_s,device\nstudent,wrn-10-1,,32,1,500,cpu (2 threads)\n")
+    out = tmp_path / "plan.csv"
+    rc, _, err = cli(["plan", "--root", ROOT, "--profile", "smoke", "teachers", "--bench", bench, "--overhead-s", "3",
+                      "--out", out])
+    assert rc == 0, err
+    rate = 500 * Costs(load_table(), "wrn-10-1", 32, BENCH_CLASSES).train / 2
+    teacher = {r["arch"]: r for r in csv.DictReader(open(out, newline=""))}["wrn-10-1"]
+    expected = 3 + (int(teacher["train_flops"]) + int(teacher["eval_flops"])) / rate
+    assert math.isclose(float(teacher["cpu_seconds"]), expected, abs_tol=0.06)
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--profile", "nope"], "unknown profile 'nope'"),
     (["--profile", "smoke", "results/table9.csv"], "unknown target 'results/table9.csv'"),

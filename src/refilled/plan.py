@@ -20,6 +20,7 @@ import argparse
 import csv
 import heapq
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,9 @@ CUB_CACHE_PX = 256   # refilled.augment: CUB decoded once at 256 x 256 (uint8, 3
 # The CPU rates used without --bench: `refilled bench` rows of this repository's 2-core machine.
 DEFAULT_CPU_BENCH = Path(__file__).with_name("plan_cpu_bench.csv")
 DEFAULT_CPU_BENCH_SOURCE = ("plan_cpu_bench.csv: WRN-(16,1) steps at batch 16 measured with nothing else running "
-                            "(README, 2 Dec 2026), MobileNet-0.25 steps measured on 4 Dec 2026 under load and scaled "
-                            "by the WRN-(16,1) CE step's unloaded / loaded ratio")
+                            "(README, 2 Dec 2026; 2 threads assumed, torch's default here, the README does not say), "
+                            "MobileNet-0.25 steps measured on 4 Dec 2026 under load and scaled by the WRN-(16,1) CE "
+                            "step's ratio of the two")
 # Fixed cost of one job beyond its FLOPs (starting Python, importing torch, data, teacher, writing):
 # the README's "3-5 s" a job on this 2-core machine with nothing else running (2 Dec 2026); the smoke
 # DAG of 26 Nov agrees (74 jobs in 2 min 0 s on 2 cores, about 10 s of it training). Issue 29's 13.2 s
@@ -143,19 +145,24 @@ class Rates:
     backward, the teacher's forward: flops.csv), so that what the plan does not count (the
     methods' own loss arithmetic) is in the rate. A run takes the median over the rows of its
     student and size, else of its family (wrn, mobilenet) and size, else of its family, else
-    of every row."""
+    of every row. On a CPU, a job pinned to fewer cores than the bench used (`refilled bench`
+    writes "cpu (N threads)") gets that fraction of the rate: linear in the cores, which
+    overstates what a second core adds, so it errs towards a longer estimate."""
 
     def __init__(self, points: list[tuple[str, int, float]], device: str, source: str):
         self.points, self.device, self.source = points, device, source
+        found = re.search(r"\((\d+) threads?\)", device) if device.startswith("cpu") else None
+        self.threads = int(found[1]) if found else None
 
-    def flops_per_s(self, arch: str, px: int) -> float:
+    def flops_per_s(self, arch: str, px: int, threads: int | None = None) -> float:
+        share = min(threads, self.threads) / self.threads if threads and self.threads else 1.0
         for keep in (lambda a, p: a == arch and p == px,
                      lambda a, p: arch_family(a) == arch_family(arch) and p == px,
                      lambda a, p: arch_family(a) == arch_family(arch),
                      lambda a, p: True):
             chosen = [f for a, p, f in self.points if keep(a, p)]
             if chosen:
-                return statistics.median(chosen)
+                return share * statistics.median(chosen)
         raise AssertionError("Rates without rows")   # read_bench refuses a file without usable rows
 
 
@@ -248,12 +255,12 @@ def build_plan(root: Path, profile: str, targets: list[str], bench_files: list[P
     cpu, gpu = device_rates(bench_files, table)
     for r in rows:
         flops = r["train_flops"] + r["eval_flops"]
-        r["cpu_seconds"] = overhead_s + flops / cpu.flops_per_s(r["arch"], r["px"])
+        r["cpu_seconds"] = overhead_s + flops / cpu.flops_per_s(r["arch"], r["px"], int(cfg["threads"]))
         r["gpu_seconds"] = flops / gpu.flops_per_s(r["arch"], r["px"]) if gpu else None
     slots = max(1, cores // int(cfg["threads"]))
     data = _data_bytes(cfg)
     return {"profile": profile, "targets": targets or ["all"], "rows": rows, "groups": group(rows), "cpu": cpu,
-            "gpu": gpu, "cores": cores, "slots": slots, "overhead_s": overhead_s,
+            "gpu": gpu, "cores": cores, "slots": slots, "threads": int(cfg["threads"]), "overhead_s": overhead_s,
             "cpu_wall_s": wall_seconds(rows, [r["cpu_seconds"] for r in rows], slots, cfg), **data}
 
 
@@ -348,7 +355,9 @@ def format_plan(plan: dict) -> str:
            + (f" and {evals} evaluation jobs (Table H references, teacher NCM)" if evals else ""),
            "", line(head), line(["-" * w for w in widths]), *[line(c) for c in cells], "",
            f"CPU time per job: {plan['overhead_s']:g} s fixed ({DEFAULT_OVERHEAD_SOURCE if plan['overhead_s'] == DEFAULT_OVERHEAD_S else '--overhead-s'})"
-           f" + FLOPs / rate; rate from {cpu.source} ({cpu.device}).",
+           f" + FLOPs / rate; rate from {cpu.source} ({cpu.device}"
+           + (f", scaled to the profile's {plan['threads']} thread(s) a job" if cpu.threads and plan["threads"] < cpu.threads
+              else "") + ").",
            f"CPU wall time on {plan['cores']} cores ({plan['slots']} jobs at once, the profile's threads per job), "
            f"in dependency order: {_hours(plan['cpu_wall_s'])} (the jobs that train nothing, a few seconds each, "
            "and Snakemake's own start are not included).",
