@@ -255,7 +255,8 @@ def test_plan_gpu_time_from_a_bench_file(tmp_path):
                      "student,wrn-10-1,,32,1,1000,NVIDIA H100\n"
                      "student,wrn-10-1,,32,4,9999,NVIDIA H100\n")   # a concurrent row: not a single job's rate
     out = tmp_path / "plan.csv"
-    rc, stdout, err = cli(["plan", "--root", ROOT, "--profile", "smoke", "teachers", "--bench", bench, "--out", out])
+    # a target after --bench stays a target
+    rc, stdout, err = cli(["plan", "--root", ROOT, "--profile", "smoke", "--bench", bench, "teachers", "--out", out])
     assert rc == 0, err
     rate = 1000 * Costs(load_table(), "wrn-10-1", 32, BENCH_CLASSES).train
     rows = {r["arch"]: r for r in csv.DictReader(open(out, newline=""))}

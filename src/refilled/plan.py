@@ -409,9 +409,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                         "results/table2.csv, figures/figure1_convergence.png, a run directory's file, ...")
     p.add_argument("--profile", default=None, help="config/PROFILE.yaml (default: params.yaml's profile)")
     p.add_argument("--root", type=Path, default=Path("."), help="the repository (config/, params.yaml; default .)")
-    p.add_argument("--bench", type=Path, nargs="+", default=[], metavar="BENCH.csv",
-                   help="`refilled bench --out` files: their CPU rows replace the default CPU rates, their GPU "
-                        "rows give the GPU time")
+    p.add_argument("--bench", type=Path, action="append", default=[], metavar="BENCH.csv",
+                   help="a `refilled bench --out` file (repeat the flag for several): its CPU rows replace the "
+                        "default CPU rates, its GPU rows give the GPU time")
     p.add_argument("--cores", type=int, default=2, help="cores of the machine that runs the jobs (default 2)")
     p.add_argument("--overhead-s", type=float, default=DEFAULT_OVERHEAD_S,
                    help=f"fixed seconds per job beyond its epochs (default {DEFAULT_OVERHEAD_S}: {DEFAULT_OVERHEAD_SOURCE})")
