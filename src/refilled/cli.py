@@ -285,11 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     gain.add_argument("--figure", required=True, type=Path, help="output path without suffix (.png and .pdf)")
     gain.set_defaults(func=cmd_gain)
     from refilled.doctor import add_doctor_parser
+    from refilled.plan import add_plan_parser
 
     # refilled.bench imports torch: its own parser (`refilled bench --help`) is built only when it runs
     sub.add_parser("bench", add_help=False, help="images/s of our training step against a reference-style pipeline "
                                                  "(refilled bench --help)")   # main() hands it to refilled.bench
     add_doctor_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 
