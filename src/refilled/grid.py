@@ -1,17 +1,17 @@
 """The runs a profile's targets need, as data (pure Python, no torch, no Snakemake).
 
-The same enumeration as the input functions of `workflow/rules/common.smk` (table_runs,
-table4_runs, figure*_runs, gain_runs, table_h_runs, train_inputs, teacher_dir), written as
-functions of a loaded profile (`refilled.config.load_profile`) so that `refilled plan` can
-list, count and cost the training runs without building Snakemake's DAG. A `Run`'s `path`
-is its directory under `results/runs/<profile>/`, spelled as the workflow spells it.
+The one enumeration of the grid: `workflow/rules/common.smk`'s input functions (table_runs,
+table4_runs, figure*_runs, gain_runs, table_h_runs, teacher_dir, ...) call these functions of
+a loaded profile (`refilled.config.load_profile`), and `refilled plan` lists, counts and costs
+the same runs without building Snakemake's DAG. A `Run`'s `path` is its directory under
+`results/runs/<profile>/`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from refilled.config import GRID_KEYS, NUM_CLASSES, fmt, gain_points, k_hat_value, method_values
+from refilled.config import NUM_CLASSES, fmt, gain_points, k_hat_value, method_values
 from refilled.methods import CATALOG
 from refilled.methods.catalog import TEACHER_METHOD
 from refilled.tables import applies
@@ -66,17 +66,9 @@ def teacher_run(cfg: dict, exp: str, seed: int) -> Run:
                ratio=teacher_ratio(cfg, base), path=TEACHER_RUN.format(exp=base, seed=seed))
 
 
-_RUN_NAMES: dict[tuple, str] = {}
-
-
 def run_name(cfg: dict, method: str, **swept) -> str:
-    """`method`'s run directory name in profile `cfg`, remembered per input of `method_values`
-    (each call of it parses the method's source file: thousands of runs would take seconds)."""
-    key = (method, repr((cfg.get("methods") or {}).get(method)), tuple(repr(cfg.get(k)) for k in GRID_KEYS),
-           tuple(sorted((k, repr(v)) for k, v in swept.items())))
-    if key not in _RUN_NAMES:
-        _RUN_NAMES[key] = CATALOG[method].run_name(method_values(cfg, method, **swept))
-    return _RUN_NAMES[key]
+    """`method`'s run directory name in profile `cfg` (its swept hyper-parameters spelled in it)."""
+    return CATALOG[method].run_name(method_values(cfg, method, **swept))
 
 
 def student_run(cfg: dict, exp: str, ratio, arch: str, seed: int, method: str, joint: bool = False,

@@ -11,13 +11,14 @@ from snakemake.exceptions import WorkflowError
 
 BASE = Path(workflow.basedir)
 sys.path.insert(0, f"{BASE}/src")
+from refilled import grid  # noqa: E402
 from refilled.archs import ARCH_PATTERN  # noqa: E402
-from refilled.config import NUM_CLASSES, ConfigError, fmt, gain_points, k_hat_value, load_profile, method_values  # noqa: E402
+from refilled.grid import JOINT, REFERENCE_RUN, STUDENT_RUN, TEACHER_RUN  # noqa: E402
+from refilled.config import ConfigError, fmt, k_hat_value, load_profile, method_values  # noqa: E402
 from refilled.methods import CATALOG  # noqa: E402
 from refilled.methods.catalog import TEACHER_METHOD  # noqa: E402
 from refilled.pin import count_gpus  # noqa: E402
 from refilled.reproduction import paper_counterpart  # noqa: E402
-from refilled.tables import applies  # noqa: E402
 
 
 # ---- configuration: params.yaml (profile name) -> config/<profile>.yaml, validated ----
@@ -49,10 +50,8 @@ DATA_ROOT = DATA if P["test_per_class"] or P["train_per_class"] else "data/raw"
 RUNS = f"results/runs/{PROFILE}"            # run directories: metrics.csv, model.pt, summary.json
 LOGS = f"results/logs/{PROFILE}"
 BENCH = f"results/benchmarks/{PROFILE}"
-TEACHER_RUN = "teachers/{exp}/seed{seed}"
-STUDENT_RUN = "students/{exp}/r{ratio}/{arch}/seed{seed}/{method}{tag}{joint}"   # tag: the swept hyper-parameters
-JOINT = "-joint"                          # the {joint} of a run with the joint head (Table H), else empty
-REFERENCE_RUN = "students/{exp}/r{ratio}/{arch}/seed{seed}/reference"   # Table H's training-free reference
+# run directory patterns (tag: the swept hyper-parameters; joint: "-joint" for a Table H run) from
+# refilled.grid, which also enumerates the runs each table and figure needs (below, and `refilled plan`)
 RUN_FILES = ("summary.json", "model.pt", "metrics.csv")                    # what every run declares
 
 
@@ -74,33 +73,29 @@ def split_file(exp, ratio, seed):
 
 
 def teacher_ratio(exp):
-    """The ratio of the split a teacher trains on: 0 (its classes are the same at every ratio),
-    or 1 where h is more than half the classes (standard KD, Table 3: r = 1 is the only split)."""
-    e = EXPS[exp]
-    return 0 if 2 * e["classes_per_task"] <= NUM_CLASSES[e["dataset"]] else 1
+    return grid.teacher_ratio(P, exp)
 
 
 def data_ready(exp):
     return f"{DATA}/{EXPS[exp]['dataset']}.json"
 
 
+def _dirs(runs):
+    return [f"{RUNS}/{r.path}" for r in runs]
+
+
 def teacher_dir(exp, seed):
-    # the points of the gain-vs-data sweep (experiments gain_n<N>) share their base's teacher
-    run = TEACHER_RUN.format(exp=EXPS[exp].get("teacher_of", exp), seed=seed)
-    return f"{RUNS}/{run}"
+    return f"{RUNS}/{grid.teacher_run(P, exp, seed).path}"
 
 
 def run_dir(exp, ratio, arch, seed, method, joint=False, **swept):
     """The run of `method` for one cell, at the profile's hyper-parameters (`swept` overrides some);
     `joint`: the run with the joint head (its own run: the head changes the backbone's training)."""
-    name = CATALOG[method].run_name(method_values(P, method, **swept))
-    run = STUDENT_RUN.format(exp=exp, ratio=fmt(ratio), arch=arch, seed=seed, method=name, tag="",
-                             joint=JOINT if joint else "")
-    return f"{RUNS}/{run}"
+    return f"{RUNS}/{grid.student_run(P, exp, ratio, arch, seed, method, joint, **swept).path}"
 
 
 def reference_dir(exp, ratio, arch, seed):
-    return f"{RUNS}/{REFERENCE_RUN.format(exp=exp, ratio=fmt(ratio), arch=arch, seed=seed)}"
+    return f"{RUNS}/{grid.reference_run(P, exp, ratio, arch, seed).path}"
 
 
 def tag_values(method, tag):
@@ -163,7 +158,7 @@ def common_args(exp, run=None, recipe=None):
     or the experiment's dict holding batch_size / milestones overrides. The runs behind Figure 1
     evaluate after every epoch (its curves); that changes no reported number."""
     recipe = EXPS[exp] if recipe is None else recipe
-    every = 1 if run in _figure1_run_set() else P["eval_every"]
+    every = 1 if run in figure1_runs() else P["eval_every"]
     milestones = recipe.get("milestones")
     return (f"--data-root {DATA_ROOT} --no-checksum --batch-size {recipe.get('batch_size', P['batch_size'])} "
             f"--num-workers {P.get('num_workers', 0)} --dropout {EXPS[exp].get('dropout', 0)} "
@@ -174,56 +169,39 @@ def common_args(exp, run=None, recipe=None):
             + f"--eval-every {every} --device {P['device']} --profile {PROFILE}")
 
 
-# ---- the runs behind each table and figure ----
+# ---- the runs behind each table and figure (refilled.grid) ----
 def table_methods(exp):
-    listed = EXPS[exp].get("methods")
-    return list(listed) if listed else [m for m, e in CATALOG.items() if e.in_tables]
+    return grid.table_methods(P, exp)
 
 
 def table_runs(exp):
-    return [run_dir(exp, r, a, s, m) for r in EXPS[exp]["ratios"] for m in table_methods(exp) if applies(m, r)
-            for a in EXPS[exp]["students"] for s in SEEDS]
+    return _dirs(grid.table_runs(P, exp))
 
 
 def table4_runs():
-    t4 = P["table4"]
-    return [run_dir(t4["experiment"], r, t4["arch"], s, t4["method"], k_hat=k_hat_value(k))
-            for r in t4["ratios"] for k in t4["k_hats"] for s in SEEDS]
-
-
-def figure1_runs():
-    f = P["figure1"]
-    return [run_dir(f["experiment"], f["ratio"], f["arch"], f["seed"], m)
-            for m in (CATALOG[f["method"]].starts_from, f["method"])]
+    return _dirs(grid.table4_runs(P))
 
 
 @functools.cache
-def _figure1_run_set() -> frozenset:
-    return frozenset(figure1_runs())
+def figure1_runs():
+    return _dirs(grid.figure1_runs(P))
 
 
 def figure2_runs():
-    f = P["figure2"]
-    return [run_dir(f["experiment"], f["ratio"], a, s, f["method"], lam=lam)
-            for a in EXPS[f["experiment"]]["students"] for lam in f["lams"] for s in SEEDS]
+    return _dirs(grid.figure2_runs(P))
 
 
 def figure3_runs():
-    f = P["figure3"]
-    return [run_dir(f["experiment"], r, f["arch"], s, f["method"], lam=f["lam"]) for r in f["ratios"] for s in SEEDS]
+    return _dirs(grid.figure3_runs(P))
 
 
 # ---- the claims (claims.smk) ----
 def gain_runs():
-    g = P.get("gain_vs_data")
-    return [run_dir(exp, r, g["arch"], s, m) for exp in gain_points(P).values() for r in g["ratios"]
-            for m in g["methods"] if applies(m, r) for s in SEEDS] if g else []
+    return _dirs(grid.gain_runs(P))
 
 
 def teacher_ncm_files():
-    g = P.get("gain_vs_data")
-    return [f"{RUNS}/teacher_ncm/{exp}/r{fmt(r)}/seed{s}.json"
-            for exp in gain_points(P).values() for r in g["ratios"] for s in SEEDS] if g else []
+    return _dirs(grid.teacher_ncm_runs(P))
 
 
 def claims_inputs(wc):
@@ -237,16 +215,12 @@ def claims_inputs(wc):
 GAIN_OUTPUTS = ["results/gain_vs_data.csv", "figures/gain_vs_data.png", "figures/gain_vs_data.pdf"]
 def table_h_grid():
     """[(experiment, ratios, students)] of Table H: the table_h section, defaulting to each experiment's grid."""
-    th = P["table_h"]
-    return [(e, th["ratios"] or EXPS[e]["ratios"], th["students"] or EXPS[e]["students"]) for e in th["experiments"]]
+    return grid.table_h_grid(P)
 
 
 def table_h_runs():
     """Table H's joint-head runs, then its references (each from the plain Student run of its cell)."""
-    methods = P["table_h"]["methods"]
-    cells = [(e, r, a, s) for e, ratios, archs in table_h_grid() for r in ratios for a in archs for s in SEEDS]
-    return ([run_dir(e, r, a, s, m, joint=True) for e, r, a, s in cells for m in methods]
-            + [reference_dir(e, r, a, s) for e, r, a, s in cells])
+    return _dirs(grid.table_h_runs(P))
 
 
 def table_rule_params(exp):
