@@ -137,6 +137,54 @@ def test_crop_resize_cuts_the_box_exactly_and_mirrors():
     assert whole.shape == (2, 3, 20, 20)
 
 
+def test_crop_runs_no_matrix_product():
+    """The 224 px crop, op by op: no mm/bmm/matmul (on CUDA those may run in TF32, forced by
+    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 in some images, and shift the grid by hundredths of a
+    pixel); the 32 px crop-and-flip neither."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from refilled.data.batches import random_crop_flip
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (4, 3, 40, 50), dtype=torch.uint8, generator=g)
+    # the profiler, not a dispatch mode: it also sees the ops inside composite kernels
+    # (F.affine_grid is one aten op at dispatch level, with an aten::bmm inside)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        augment.random_resized_crop_flip(img, torch.full((4,), 375), torch.full((4,), 500), 24,
+                                         torch.Generator().manual_seed(1))
+        random_crop_flip(img.float(), 4, torch.Generator().manual_seed(2))
+    ops = {e.name for e in prof.events()}
+    assert "aten::grid_sampler_2d" in ops, ops
+    products = sorted(op for op in ops if any(k in op for k in ("mm", "matmul", "linear", "einsum", "affine_grid")))
+    assert not products, products
+
+
+def test_crop_grid_is_the_affine_grid_of_the_boxes():
+    """Against an independent computation: output pixel j of a box (top, left, h, w) in an
+    S x S cache samples x = (left + (j + 0.5) w / out) in pixels, i.e. 2x / S - 1 in
+    align_corners=False units (mirrored: j -> out - 1 - j); and against F.affine_grid."""
+    g = torch.Generator().manual_seed(0)
+    b, s_h, s_w, out = 5, 48, 64, 7
+    top, left = torch.rand(b, generator=g) * 20, torch.rand(b, generator=g) * 30
+    bh, bw = 5 + torch.rand(b, generator=g) * 20, 5 + torch.rand(b, generator=g) * 30
+    flip = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0])
+    grid = augment.crop_grid(top, left, bh, bw, flip, s_h, s_w, out)
+    assert grid.shape == (b, out, out, 2)
+    j = torch.arange(out, dtype=torch.float64)
+    for k in range(b):
+        cols = j.flip(0) if flip[k] else j
+        x = (left[k].double() + (cols + 0.5) * bw[k].double() / out) * 2 / s_w - 1
+        y = (top[k].double() + (j + 0.5) * bh[k].double() / out) * 2 / s_h - 1
+        assert torch.allclose(grid[k, :, :, 0].double(), x[None, :].expand(out, out), atol=1e-6)
+        assert torch.allclose(grid[k, :, :, 1].double(), y[:, None].expand(out, out), atol=1e-6)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = bw / s_w * (1 - 2 * flip)
+    theta[:, 0, 2] = (2 * left + bw) / s_w - 1
+    theta[:, 1, 1] = bh / s_h
+    theta[:, 1, 2] = (2 * top + bh) / s_h - 1
+    assert torch.allclose(grid, F.affine_grid(theta, [b, 3, out, out], align_corners=False), atol=1e-6)
+
+
 def test_crop_resize_matches_torchvision_bilinear_resized_crop():
     """With the cache at the original size, a box is cut and resized as torchvision's
     tensor resized_crop (bilinear, no antialias) does, except on the outermost pixels: there
