@@ -461,3 +461,18 @@ def test_record_says_how_the_steps_ran():
     step.step(*small)   # the emulated graph's step, a batch of another shape: eager, the graph kept
     rec = step.record()
     assert (rec["mode"], rec["fallbacks"], rec["graph_steps"], rec["eager_steps"]) == ("graph with fallbacks", 1, 2, 1)
+
+
+def test_cuda_tests_cover_every_catalog_method():
+    """tests/test_cuda.py compares the captured step with the eager one for every case of
+    this file (so for every catalog method: a new method cannot be missed), plus dropout
+    and a joint head; its parametrised tests run each of them."""
+    import test_cuda
+    from refilled.methods import CATALOG
+
+    assert set(CATALOG) <= test_cuda.catalog_methods_covered()
+    assert set(METHODS) <= set(test_cuda.METHODS)
+    assert {test_cuda.DROPOUT, test_cuda.JOINT} <= set(test_cuda.METHODS)
+    for fn in (test_cuda.test_graph_step_equals_eager_step_fp32, test_cuda.test_graph_step_equals_eager_step_bf16):
+        params = [m.args for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+        assert params == [("name", test_cuda.METHODS)], fn.__name__
