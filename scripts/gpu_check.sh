@@ -219,7 +219,7 @@ print(f"TF32: torch.backends.cuda.matmul.allow_tf32={torch.backends.cuda.matmul.
       f"torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
       f"float32_matmul_precision={torch.get_float32_matmul_precision()}")
 for var in ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE"):
-    print(f"  {var}={os.environ.get(var, '(unset)')}")
+    print(f"  {var}={os.environ.get(var) or '(unset)'}")
 if not torch.cuda.is_available():
     sys.exit("no CUDA device visible: this script is for a GPU machine")
 p = torch.cuda.get_device_properties(0)

@@ -198,3 +198,18 @@ def test_prepare_refuses_a_data_root_outside_the_tree(tmp_path):
                           env={**os.environ, "PYTHON": sys.executable, "DATA_ROOT": str(tmp_path)})
     assert done.returncode == 2 and "outside the working tree" in done.stdout
     assert not (tmp_path / "fashion-mnist").exists()
+
+
+def test_environment_stage_prints_the_tf32_settings_and_variables(tmp_path):
+    """Where an image forces TF32 (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1), the log must say so.
+    On this CPU machine the stage then fails (no CUDA device), after printing them."""
+    done = run_check(tmp_path, STAGES="env", TORCH_ALLOW_TF32_CUBLAS_OVERRIDE="1", NVIDIA_TF32_OVERRIDE="0")
+    unset = run_check(tmp_path, STAGES="env", TORCH_ALLOW_TF32_CUBLAS_OVERRIDE="", NVIDIA_TF32_OVERRIDE="")
+    line = r"TF32: torch.backends.cuda.matmul.allow_tf32=(True|False), torch.backends.cudnn.allow_tf32=(True|False), " \
+           r"float32_matmul_precision=(\w+)"
+    forced, plain = re.search(line, done.stdout), re.search(line, unset.stdout)
+    assert forced and plain, done.stdout
+    assert forced.group(1) != plain.group(1), "the override must show in what torch reports"   # torch reads it
+    assert "  TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1" in done.stdout and "  NVIDIA_TF32_OVERRIDE=0" in done.stdout
+    assert "  TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=(unset)" in unset.stdout
+    assert done.returncode == 1 and "no CUDA device visible" in done.stdout + done.stderr
