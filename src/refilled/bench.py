@@ -507,7 +507,7 @@ def bench_rows(cfg: Config, device: torch.device, reference: bool = True, eager:
             try:
                 _measure_row(row, case, cfg, data, device, reference, eager, known)
             except Exception as exc:   # this row's failure, reported in it; the next row runs
-                row["notes"] = f"FAILED: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                row["notes"] = failure_note(exc)
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -518,6 +518,12 @@ def bench_rows(cfg: Config, device: torch.device, reference: bool = True, eager:
             if on_row:
                 on_row(row)
     return rows
+
+
+def failure_note(exc: BaseException) -> str:
+    """A failed row's note: the exception's type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"FAILED: {type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _measure_row(row: dict, case: Case, cfg: Config, data, device: torch.device, reference: bool, eager: bool,
@@ -636,7 +642,7 @@ def concurrent_rows(cfg: Config, device: torch.device, jobs_list: list[int], cas
         try:
             results, errors = _concurrent_round(cfg, device, jobs, case, seconds, env)
         except Exception as exc:   # this round's failure, reported in its row; the next round runs
-            results, errors = [], [f"FAILED: {type(exc).__name__}: {exc}"]
+            results, errors = [], [failure_note(exc)]
         modes = sorted({r.get("mode", "?") for r in results} - {"graph"}) if device.type == "cuda" else []
         total = sum(r["images"] / r["seconds"] for r in results)
         row["ours_img_s"] = round(total, 1) if results else ""
@@ -650,7 +656,8 @@ def concurrent_rows(cfg: Config, device: torch.device, jobs_list: list[int], cas
             if one_job[1]:
                 row["notes"] = "; ".join(filter(None, [row["notes"], f"vs 1 job: against {one_job[1]}"]))
         rows.append(row)
-        log(f"  concurrent x{jobs}: {row['ours_img_s'] or '-'} img/s in total{'  ' + row['notes'] if row['notes'] else ''}")
+        notes = f"  {row['notes']}" if row["notes"] else ""
+        log(f"  concurrent x{jobs}: {row['ours_img_s'] or '-'} img/s in total{notes}")
         if on_row:
             on_row(row)
     return rows
@@ -732,12 +739,15 @@ def run_bench(args) -> list[dict]:
         cfg.workers = args.workers
     eager = None if args.eager is None else args.eager == "yes"
     jobs_list = list(args.concurrent or [])
-    conc_seconds = args.concurrent_seconds if args.concurrent_seconds is not None else (3.0 if config == "full" else 0.5)
+    conc_seconds = args.concurrent_seconds
+    if conc_seconds is None:
+        conc_seconds = 3.0 if config == "full" else 0.5
     earlier = _read_rows(args.out) if args.append and args.out and Path(args.out).exists() else []
     measured = {_row_key(r) for r in earlier if r.get("ours_img_s") not in (None, "")}
     earlier = [r for r in earlier if _row_key(r) in measured]   # a failed row is measured again, not kept twice
     cfg.cases = [c for c in cfg.cases if (c.method, c.student, str(c.px), "1") not in measured]
-    base = Case(bench_methods()[0], args.concurrent_arch or "wrn-16-1", None, 32, cfg.batch, 50 if config == "full" else 8)
+    base = Case(bench_methods()[0], args.concurrent_arch or "wrn-16-1", None, 32, cfg.batch,
+                50 if config == "full" else 8)
     jobs_list = [j for j in jobs_list if (f"{base.method} (concurrent)", base.student, "32", str(j)) not in measured]
     if args.plan:
         cuda = device.type == "cuda"
