@@ -82,7 +82,7 @@ def test_a_failed_row_is_reported_in_it_and_the_next_row_runs(tmp_path, monkeypa
     out = tmp_path / "bench.csv"
     _fake_measurements(monkeypatch, fail={"stage1": NonFiniteLoss("non-finite loss at epoch 1, step 3: ce=nan"),
                                           "rkd": RuntimeError("CUDA error: an illegal memory access\nmore")})
-    assert main(["--device", "cpu", "--archs", "wrn-16-1", "--out", str(out)]) == 0
+    assert main(["--device", "cpu", "--archs", "wrn-16-1", "--out", str(out)]) == 1   # rows failed: exit 1
     rows = {r["method"]: r for r in csv.DictReader(open(out)) if r["px"] == "32"}
     expected = [c.method for c in small_config().cases if c.student == "wrn-16-1"]
     assert list(rows) == expected

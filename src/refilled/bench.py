@@ -831,8 +831,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args) -> int:
-    run_bench(args)
-    return 0
+    """0, or 1 where a row failed (its notes say how; --append drops earlier failed rows)."""
+    rows = run_bench(args)
+    return 1 if any(r.get("ours_img_s") in (None, "") for r in rows) else 0
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
