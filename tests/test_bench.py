@@ -56,6 +56,106 @@ def test_concurrent_jobs_sum_their_images_per_second():
     assert rows[1]["vs_one_job"] == pytest.approx(rows[1]["ours_img_s"] / rows[0]["ours_img_s"], abs=1e-3)
 
 
+def _fake_measurements(monkeypatch, fail=None):
+    """Stand-ins for the two pipelines (no training): ours 100 img/s, CE 200; `fail` maps a
+    method to the exception its row raises (BaseException: the process is stopped there)."""
+    import refilled.bench as bench
+
+    calls = []
+
+    def ours(case, cfg, data, device, graph="auto", with_extras=True):
+        calls.append((case.method, case.student, graph))
+        if fail and case.method in fail and graph == "auto":
+            raise fail[case.method]
+        return {"img_s": 200.0 if case.method == "student" else 100.0, "flops": 2e9,
+                "steps": {"mode": "eager", "requested": "off", "captures": 0, "capture_failures": 0, "fallbacks": 0,
+                          "graph_steps": 0, "eager_steps": 5}}
+
+    monkeypatch.setattr(bench, "run_ours", ours)
+    monkeypatch.setattr(bench, "run_reference", lambda case, cfg, data, device: 50.0)
+    return calls
+
+
+def test_a_failed_row_is_reported_in_it_and_the_next_row_runs(tmp_path, monkeypatch):
+    from refilled.step import NonFiniteLoss
+
+    out = tmp_path / "bench.csv"
+    _fake_measurements(monkeypatch, fail={"stage1": NonFiniteLoss("non-finite loss at epoch 1, step 3: ce=nan"),
+                                          "rkd": RuntimeError("CUDA error: an illegal memory access\nmore")})
+    assert main(["--device", "cpu", "--archs", "wrn-16-1", "--out", str(out)]) == 1   # rows failed: exit 1
+    rows = {r["method"]: r for r in csv.DictReader(open(out)) if r["px"] == "32"}
+    expected = [c.method for c in small_config().cases if c.student == "wrn-16-1"]
+    assert list(rows) == expected
+    assert rows["stage1"]["notes"] == "FAILED: FloatingPointError: non-finite loss (non-finite loss at epoch 1, step 3: ce=nan)"
+    assert rows["rkd"]["notes"] == "FAILED: RuntimeError: CUDA error: an illegal memory access"
+    for m in ("stage1", "rkd"):
+        assert rows[m]["ours_img_s"] == "" and rows[m]["vs_ce"] == ""
+    others = [m for m in expected if m not in ("student", "stage1", "rkd")]
+    assert expected.index("rkd") < len(expected) - 1 and expected.index("stage1") < len(expected) - 1
+    assert all(rows[m]["ours_img_s"] == "100.0" and rows[m]["vs_ce"] == "0.5" and rows[m]["notes"] == ""
+               for m in others)
+
+
+def test_rows_are_written_as_measured_and_append_measures_only_the_missing(tmp_path, monkeypatch):
+    """Stopped at the third row (a time limit), the CSV holds the two finished rows; a rerun
+    with --append measures only the rows not there yet, and computes vs CE against the CE
+    row of the first run."""
+    out = tmp_path / "bench.csv"
+    methods = [c.method for c in small_config().cases if c.student == "wrn-16-1"]
+    _fake_measurements(monkeypatch, fail={methods[2]: KeyboardInterrupt()})
+    with pytest.raises(KeyboardInterrupt):
+        main(["--device", "cpu", "--archs", "wrn-16-1", "--out", str(out)])
+    assert [r["method"] for r in csv.DictReader(open(out))] == methods[:2]
+    calls = _fake_measurements(monkeypatch)
+    assert main(["--device", "cpu", "--archs", "wrn-16-1", "--append", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [r["method"] for r in rows] == methods
+    assert [c[0] for c in calls] == methods[2:]
+    assert all(r["vs_ce"] == "0.5" for r in rows[1:])
+
+
+def test_concurrency_rows_are_written_as_measured(tmp_path, monkeypatch):
+    """Round by round: a limit hit during the second round keeps the first in the CSV; vs 1
+    job compares with the in-process CE row where no 1-job round ran."""
+    import refilled.bench as bench
+
+    out = tmp_path / "bench.csv"
+    _fake_measurements(monkeypatch)
+    rounds = []
+
+    def fake_round(cfg, device, jobs, case, seconds, env):
+        rounds.append(jobs)
+        if len(rounds) == 2:
+            raise KeyboardInterrupt
+        return [{"images": 300 * jobs, "seconds": 1.0, "mode": "graph"}] * jobs, []
+
+    monkeypatch.setattr(bench, "_concurrent_round", fake_round)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--device", "cpu", "--archs", "wrn-16-1", "--methods", "student", "--concurrent", "4", "2",
+              "--out", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["method"], r["jobs"]) for r in rows] == [("student", "1"), ("student (concurrent)", "2")]
+    conc = rows[1]
+    assert float(conc["ours_img_s"]) == 2 * 600.0 and conc["vs_one_job"] == str(round(1200.0 / 200.0, 3))
+    assert "vs 1 job: against the in-process row" in conc["notes"]
+
+
+def test_plan_counts_the_timed_seconds_of_the_selection(capsys):
+    """--plan measures nothing; its timed seconds, computed here from the configuration:
+    per row ours + reference + eager (CUDA) at --seconds each, the teacher forward at half,
+    plus each concurrency round."""
+    from refilled.bench import full_config, is_target, method_has_teacher
+
+    assert main(["--device", "cuda", "--config", "full", "--seconds", "1", "--part", "targets",
+                 "--concurrent", "2", "--plan"]) == 0
+    printed = capsys.readouterr().out
+    cases = [c for c in full_config().cases if is_target(c)]
+    assert sorted({(c.method, c.student) for c in cases}) == sorted(
+        (m, s) for m in ("student", "stage1", "refilled") for s in ("wrn-40-2", "wrn-16-1"))
+    timed = sum(3 * 1.0 + (0.5 if method_has_teacher(c) else 0) for c in cases) + 3.0
+    assert f"plan: {len(cases)} rows and 1 concurrency rounds; timed {timed:.1f} s at least" in printed
+
+
 def test_add_bench_parser_registers_the_subcommand():
     parser = argparse.ArgumentParser(prog="refilled")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +235,54 @@ def test_crop_resize_cuts_the_box_exactly_and_mirrors():
     assert torch.allclose(out[0], img[0, :, 3:15, 5:17].float(), atol=1e-3)
     assert torch.allclose(out[1], img[1, :, 0:12, 10:22].float().flip(-1), atol=1e-3)
     assert whole.shape == (2, 3, 20, 20)
+
+
+def test_crop_runs_no_matrix_product():
+    """The 224 px crop, op by op: no mm/bmm/matmul (on CUDA those may run in TF32, forced by
+    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 in some images, and shift the grid by hundredths of a
+    pixel); the 32 px crop-and-flip neither."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from refilled.data.batches import random_crop_flip
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (4, 3, 40, 50), dtype=torch.uint8, generator=g)
+    # the profiler, not a dispatch mode: it also sees the ops inside composite kernels
+    # (F.affine_grid is one aten op at dispatch level, with an aten::bmm inside)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        augment.random_resized_crop_flip(img, torch.full((4,), 375), torch.full((4,), 500), 24,
+                                         torch.Generator().manual_seed(1))
+        random_crop_flip(img.float(), 4, torch.Generator().manual_seed(2))
+    ops = {e.name for e in prof.events()}
+    assert "aten::grid_sampler_2d" in ops, ops
+    products = sorted(op for op in ops if any(k in op for k in ("mm", "matmul", "linear", "einsum", "affine_grid")))
+    assert not products, products
+
+
+def test_crop_grid_is_the_affine_grid_of_the_boxes():
+    """Against an independent computation: output pixel j of a box (top, left, h, w) in an
+    S x S cache samples x = (left + (j + 0.5) w / out) in pixels, i.e. 2x / S - 1 in
+    align_corners=False units (mirrored: j -> out - 1 - j); and against F.affine_grid."""
+    g = torch.Generator().manual_seed(0)
+    b, s_h, s_w, out = 5, 48, 64, 7
+    top, left = torch.rand(b, generator=g) * 20, torch.rand(b, generator=g) * 30
+    bh, bw = 5 + torch.rand(b, generator=g) * 20, 5 + torch.rand(b, generator=g) * 30
+    flip = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0])
+    grid = augment.crop_grid(top, left, bh, bw, flip, s_h, s_w, out)
+    assert grid.shape == (b, out, out, 2)
+    j = torch.arange(out, dtype=torch.float64)
+    for k in range(b):
+        cols = j.flip(0) if flip[k] else j
+        x = (left[k].double() + (cols + 0.5) * bw[k].double() / out) * 2 / s_w - 1
+        y = (top[k].double() + (j + 0.5) * bh[k].double() / out) * 2 / s_h - 1
+        assert torch.allclose(grid[k, :, :, 0].double(), x[None, :].expand(out, out), atol=1e-6)
+        assert torch.allclose(grid[k, :, :, 1].double(), y[:, None].expand(out, out), atol=1e-6)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = bw / s_w * (1 - 2 * flip)
+    theta[:, 0, 2] = (2 * left + bw) / s_w - 1
+    theta[:, 1, 1] = bh / s_h
+    theta[:, 1, 2] = (2 * top + bh) / s_h - 1
+    assert torch.allclose(grid, F.affine_grid(theta, [b, 3, out, out], align_corners=False), atol=1e-6)
 
 
 def test_crop_resize_matches_torchvision_bilinear_resized_crop():

@@ -1,4 +1,6 @@
-"""CUDA checks: the graph-captured step against the eager step, the GPU augmentation.
+"""CUDA checks: the graph-captured step against the eager step for every case of the CPU
+step tests (every catalog method; tests/methods_cases.py), a WRN with dropout 0.3 and a
+joint head; training, resume and a non-finite loss under capture; the GPU augmentation.
 
 Skipped without a CUDA device. Runs under pytest, or without it (the GPU image may have
 only PyTorch): ``PYTHONPATH=src python tests/test_cuda.py`` runs every ``test_*`` function
@@ -53,28 +55,42 @@ def _batches(n=4, seed=0, device=None):
     return out
 
 
-# test name -> (catalog method, hyper-parameter overrides)
-CASES = {"ce": ("student", {}), "stage1": ("stage1", {}), "stage1-k5": ("stage1", {"k_hat": 5}),
-         "stage2": ("refilled", {}), "stage2-batch": ("refilled-minus", {"centers": "batch"}),
-         "rkd": ("rkd", {}), "aml": ("aml", {})}
+sys.path.insert(0, str(Path(__file__).parent))    # the standalone runner: the helpers beside this file
+from methods_cases import CASE_IDS, CASES as METHOD_CASES, build_case   # noqa: E402
+
+# Every case of the CPU step tests (each catalog method, and the variants whose code paths
+# differ), plus what only a real graph can get wrong: dropout (the paper profile's 0.3; its
+# masks come from the RNG under capture) and a joint head (a second head fed by a forward hook).
+DROPOUT, JOINT = "student-wrn-dropout-0.3", "refilled-joint-head"
+METHODS = CASE_IDS + [DROPOUT, JOINT]
 
 
 def _method(name, seed=0):
-    from refilled.methods import CATALOG
+    from refilled.methods.joint import JointHead
+    from refilled.methods.student import Student
     from refilled.models import build_model
 
-    method_name, overrides = CASES[name]
-    entry = CATALOG[method_name]
-    torch.manual_seed(seed)
-    student = build_model("wrn-16-1", C)
-    teacher = build_model("wrn-16-2", 6).eval() if entry.teacher else None
-    m = entry.build(student, teacher, entry.resolve(overrides))
-    if hasattr(m, "set_centers"):       # stage 2: fixed centres (random unit vectors) instead of prepare()
-        m.set_centers(F.normalize(torch.randn(C, teacher.embedding_dim), dim=1))
+    if name == DROPOUT:
+        torch.manual_seed(seed)
+        m = Student(build_model("wrn-16-1", C, dropout=0.3))
+    else:
+        inner = build_case("refilled" if name == JOINT else name, student_arch="wrn-16-1", teacher_arch="wrn-16-2",
+                           classes=C, teacher_classes=6, prepare_batches=_batches(2, seed=99), device=DEV, seed=seed)
+        # the joint head over two of the teacher's classes the student does not have
+        m = JointHead(inner, inner.teacher, [4, 5], weight=1.0, T=2.0, seed=seed) if name == JOINT else inner
     return m.to(DEV).to(memory_format=torch.channels_last)
 
 
-METHODS = ["ce", "stage1", "stage1-k5", "stage2", "stage2-batch", "rkd", "aml"]
+def catalog_methods_covered() -> set[str]:
+    """The catalog methods that METHODS runs (the CPU suite checks that this is all of them)."""
+    by_id = {case_id: method for case_id, method, _ in METHOD_CASES}
+    return {by_id[name] for name in METHODS if name in by_id}
+
+
+def _each_method(fn):
+    """One test per name of METHODS: parametrised under pytest; the standalone runner loops."""
+    fn.each_method = True
+    return pytest.mark.parametrize("name", METHODS)(fn) if pytest is not None else fn
 
 
 def _rel(a, b):
@@ -104,8 +120,10 @@ def _compare_one_step(name, amp, loss_tol, grad_tol):
     for step, m in ((eager, eager_m), (graph, graph_m)):
         m.train()
         step.begin_epoch(0, 0.1)
+        torch.manual_seed(1234)      # the same dropout masks (and any other draw) for both
         step.step(*data[0])
-    assert graph.mode == "on" and graph.captures == 1, f"{name}: the step was not captured"
+    rec = graph.record()
+    assert rec["mode"] == "graph" and rec["captures"] == 1, f"{name}: the step was not captured: {rec}"
     t_eager, c_eager, _ = eager.end_epoch()
     t_graph, c_graph, _ = graph.end_epoch()
     for k in t_eager:
@@ -122,20 +140,20 @@ def _compare_one_step(name, amp, loss_tol, grad_tol):
     assert n > 0
 
 
-def test_graph_step_equals_eager_step_fp32():
+@_each_method
+def test_graph_step_equals_eager_step_fp32(name):
     """One step on the same batch from the same state, autocast off and TF32 off."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        for name in METHODS:
-            _compare_one_step(name, amp=False, loss_tol=1e-5, grad_tol=1e-4)
+        _compare_one_step(name, amp=False, loss_tol=1e-5, grad_tol=1e-4)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def test_graph_step_equals_eager_step_bf16():
-    for name in METHODS:
-        _compare_one_step(name, amp=True, loss_tol=1e-2, grad_tol=2e-2)
+@_each_method
+def test_graph_step_equals_eager_step_bf16(name):
+    _compare_one_step(name, amp=True, loss_tol=1e-2, grad_tol=2e-2)
 
 
 def test_graph_training_follows_eager_training_with_lr_changes():
@@ -144,13 +162,14 @@ def test_graph_training_follows_eager_training_with_lr_changes():
     from refilled.step import TrainStep
 
     data = _batches(3)
-    for name in ("ce", "stage1", "stage2"):
+    for name in ("student", "stage1", "refilled", DROPOUT):
         eager_m = _method(name)
         graph_m = copy.deepcopy(eager_m)
         steps = [TrainStep(eager_m, DEV, graph="off"), TrainStep(graph_m, DEV, graph="on")]
         for epoch, lr in enumerate((0.1, 0.02)):
             for s in steps:
                 s.begin_epoch(epoch, lr)
+                torch.manual_seed(epoch)   # the same dropout masks for both, as fit seeds each epoch
                 for x, y in data:
                     s.step(x, y)
         assert steps[1].captures == 1
@@ -171,7 +190,7 @@ def test_resume_recaptures_and_continues_like_the_uninterrupted_graph():
     from refilled.step import TrainStep
 
     data = _batches(4)
-    straight_m = _method("stage2")
+    straight_m = _method("refilled")
     resumed_m = copy.deepcopy(straight_m)
     fresh_m = copy.deepcopy(straight_m)     # same architecture and buffers; its weights come from the file
     straight = TrainStep(straight_m, DEV, graph="on")
@@ -431,7 +450,10 @@ def _run_all() -> int:
         return 0
     print(f"test_cuda: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     failed = 0
-    for name, fn in sorted((k, v) for k, v in globals().items() if k.startswith("test_") and callable(v)):
+    tests = sorted((k, v) for k, v in globals().items() if k.startswith("test_") and callable(v))
+    calls = [(f"{k}[{m}]", lambda v=v, m=m: v(m)) if getattr(v, "each_method", False) else (k, v)
+             for k, v in tests for m in (METHODS if getattr(v, "each_method", False) else [None])]
+    for name, fn in calls:
         began = time.perf_counter()
         try:
             fn()

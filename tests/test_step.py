@@ -305,8 +305,12 @@ def test_fit_with_emulated_capture_equals_eager_fit(tmp_path):
         torch.manual_seed(3)
         model = build_model("wrn-10-1", 4)
         cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
-        fit(Student(model), train, lambda: {}, cfg, tmp_path / mode, CPU, 3, graph=mode)
+        last = fit(Student(model), train, lambda: {}, cfg, tmp_path / mode, CPU, 3, graph=mode)
         results[mode] = (model.state_dict(), list(csv.DictReader(open(tmp_path / mode / "metrics.csv"))))
+        steps = 3 * len(train)   # what fit says of how its steps ran
+        assert last["steps"]["mode"] == {"off": "eager", "emulate": "graph"}[mode], last["steps"]
+        assert last["steps"]["graph_steps" if mode == "emulate" else "eager_steps"] == steps
+        assert last["steps"]["captures"] == (mode == "emulate") and last["steps"]["fallbacks"] == 0
     (a, rows_a), (b, rows_b) = results["off"], results["emulate"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -334,3 +338,141 @@ def test_loaded_momentum_buffers_take_the_layout_of_their_params():
         assert torch.equal(s1.optimizer.state[p1]["momentum_buffer"], s2.optimizer.state[p2]["momentum_buffer"])
     s2.begin_epoch(1, 0.1)
     s2.step(*batches(1)[0])
+
+
+# ---- a failed capture (the CUDA path, on the CPU, with a stand-in for torch.cuda) ----------
+
+
+class _Stream:
+    def wait_stream(self, other):
+        pass
+
+
+class FailingCuda:
+    """What TrainStep's capture calls of torch.cuda; the graph context's exit (capture_end)
+    raises, as a failed capture does. It runs the body on the CPU, so the capture's warm-up
+    and captured step really change weights, momentum buffers, accumulators and the RNG."""
+
+    def __init__(self):
+        self.graph_entries = 0
+        self.stream_now = self.caller = _Stream()
+
+    def Stream(self, device=None):
+        return _Stream()
+
+    def current_stream(self, device=None):
+        return self.stream_now
+
+    def stream(self, s):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def set_stream(self, s):
+        self.stream_now = s
+
+    def synchronize(self, device=None):
+        pass
+
+    class CUDAGraph:
+        def replay(self):
+            raise AssertionError("a graph whose capture failed was replayed")
+
+    def graph(self, g, stream=None, capture_error_mode=None):
+        fake = self
+
+        class Capture:
+            def __enter__(self):
+                fake.graph_entries += 1
+
+            def __exit__(self, *exc):
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+        return Capture()
+
+
+def _dropout_method(seed=0):
+    torch.manual_seed(seed)
+    return Student(build_model("wrn-10-1", C, dropout=0.3))
+
+
+def _on_cuda_path(step):
+    """Take the real-graph branch ("on") of a step built on the CPU (the stand-in provides torch.cuda)."""
+    step.mode = "on"
+    return step
+
+
+def _train_two_steps(method, data, on_cuda_path):
+    torch.manual_seed(11)    # the dropout masks: both runs draw from the same generator state
+    step = TrainStep(method, CPU, lr=0.1, graph="emulate" if on_cuda_path else "off")
+    if on_cuda_path:
+        _on_cuda_path(step)
+    method.train()
+    step.begin_epoch(0, 0.1)
+    for x, y in data:
+        step.step(x, y)
+    return step, step.end_epoch()
+
+
+def test_failed_capture_restores_the_state_runs_eagerly_and_disables_capture(monkeypatch):
+    """The capture fails at capture_end: that step runs eagerly from the state before the
+    capture (weights, BN statistics, momentum buffers, accumulators and the dropout RNG
+    restored), so the run equals an eager run exactly; capture is then off for the process,
+    so a second step object does not try it; the record says so."""
+    import refilled.step as step_mod
+
+    fake = FailingCuda()
+    monkeypatch.setattr(step_mod, "cuda_api", fake)
+    monkeypatch.setattr(step_mod, "_capture_broken", None)
+    data = batches(3)
+    m_eager, m_failed = _dropout_method(), _dropout_method()
+    s_eager, stats_eager = _train_two_steps(m_eager, data[:2], on_cuda_path=False)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed .*previous error during capture"):
+        s_failed, stats_failed = _train_two_steps(m_failed, data[:2], on_cuda_path=True)
+    assert fake.graph_entries == 1 and fake.stream_now is fake.caller
+    assert stats_failed == stats_eager
+    a, b = state(m_eager, s_eager), state(m_failed, s_failed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert "previous error during capture" in step_mod.capture_disabled()
+    rec = s_failed.record()
+    assert rec == {"mode": "eager", "requested": "on", "captures": 0, "capture_failures": 1, "fallbacks": 2,
+                   "graph_steps": 0, "eager_steps": 2, "capture_disabled": step_mod.capture_disabled()}
+    # a second step object in the same process: no capture is tried, its steps run eagerly
+    second = _on_cuda_path(TrainStep(make_method("student"), CPU, graph="emulate"))
+    second.begin_epoch(0, 0.1)
+    second.step(*data[2])
+    assert fake.graph_entries == 1
+    assert second.record()["mode"] == "eager" and second.capture_failures == 0 and second.eager_fallbacks == 1
+
+
+def test_record_says_how_the_steps_ran():
+    data = batches(3)
+    small = (data[2][0][:6], data[2][1][:6])
+    expected = {"off": ("eager", 0, 0), "emulate": ("graph", 1, 0)}
+    for mode, (want, captures, fallbacks) in expected.items():
+        step = TrainStep(make_method("student"), CPU, graph=mode)
+        assert step.record()["mode"] == "none"
+        step.begin_epoch(0, 0.1)
+        for x, y in data[:2]:
+            step.step(x, y)
+        rec = step.record()
+        assert (rec["mode"], rec["captures"], rec["fallbacks"]) == (want, captures, fallbacks), rec
+        assert rec["graph_steps"] + rec["eager_steps"] == 2
+    step.step(*small)   # the emulated graph's step, a batch of another shape: eager, the graph kept
+    rec = step.record()
+    assert (rec["mode"], rec["fallbacks"], rec["graph_steps"], rec["eager_steps"]) == ("graph with fallbacks", 1, 2, 1)
+
+
+def test_cuda_tests_cover_every_catalog_method():
+    """tests/test_cuda.py compares the captured step with the eager one for every case of
+    this file (so for every catalog method: a new method cannot be missed), plus dropout
+    and a joint head; its parametrised tests run each of them."""
+    import test_cuda
+    from refilled.methods import CATALOG
+
+    assert set(CATALOG) <= test_cuda.catalog_methods_covered()
+    assert set(METHODS) <= set(test_cuda.METHODS)
+    assert {test_cuda.DROPOUT, test_cuda.JOINT} <= set(test_cuda.METHODS)
+    for fn in (test_cuda.test_graph_step_equals_eager_step_fp32, test_cuda.test_graph_step_equals_eager_step_bf16):
+        params = [m.args for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+        assert params == [("name", test_cuda.METHODS)], fn.__name__

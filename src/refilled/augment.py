@@ -13,8 +13,9 @@ height and width. A batch is then augmented in one go:
   generator (as `refilled.data.batches.random_crop_flip` does);
 - the box is mapped into the cached image (x scaled by size / W, y by size / H), so the
   crop shows the same part of the image as on the CPU path;
-- one ``affine_grid`` + ``grid_sample`` (bilinear, align_corners=False) cuts and resizes
-  all boxes to ``out x out``, mirrored where the flip (p = 0.5) says so.
+- one sampling grid, built elementwise (`crop_grid`: no matrix product, so TF32 cannot
+  round it), and one ``grid_sample`` (bilinear, align_corners=False) cut and resize all
+  boxes to ``out x out``, mirrored where the flip (p = 0.5) says so.
 
 Differences to the PIL path, by design: the resampling starts from the ``size``-pixel
 cache rather than the full-resolution file (with size 256 and out 224 a crop is shrunk by
@@ -101,14 +102,24 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, heights: torch.Tensor
     sy, sx = s_h / params[:, 4], s_w / params[:, 5]
     top, left = params[:, 0] * sy, params[:, 1] * sx      # box in cache pixels
     bh, bw = params[:, 2] * sy, params[:, 3] * sx
-    theta = torch.zeros(b, 2, 3, device=dev)
-    sign = 1.0 - 2.0 * params[:, 6]
-    theta[:, 0, 0] = bw / s_w * sign
-    theta[:, 0, 2] = (2 * left + bw) / s_w - 1
-    theta[:, 1, 1] = bh / s_h
-    theta[:, 1, 2] = (2 * top + bh) / s_h - 1
-    grid = F.affine_grid(theta, [b, images.shape[1], out, out], align_corners=False)
+    grid = crop_grid(top, left, bh, bw, params[:, 6], s_h, s_w, out)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def crop_grid(top: torch.Tensor, left: torch.Tensor, bh: torch.Tensor, bw: torch.Tensor, flip: torch.Tensor,
+              s_h: int, s_w: int, out: int) -> torch.Tensor:
+    """The ``[B, out, out, 2]`` sampling grid (x, y in [-1, 1], align_corners=False) of the
+    boxes (top, left, bh, bw in cache pixels of an ``s_h x s_w`` image), mirrored where
+    ``flip`` is 1: what ``F.affine_grid`` gives for the boxes' scale-and-shift matrices, built
+    elementwise. affine_grid is a batched matmul on CUDA, which TF32 (forced by
+    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 in some images) rounds to hundredths of a pixel."""
+    centres = (torch.arange(out, device=top.device, dtype=torch.float32) * 2 + 1) / out - 1   # output pixel centres
+    scale_x = (bw / s_w * (1.0 - 2.0 * flip))[:, None, None]
+    shift_x = ((2 * left + bw) / s_w - 1)[:, None, None]
+    scale_y, shift_y = (bh / s_h)[:, None, None], ((2 * top + bh) / s_h - 1)[:, None, None]
+    gx = (scale_x * centres[None, None, :] + shift_x).expand(-1, out, out)
+    gy = (scale_y * centres[None, :, None] + shift_y).expand(-1, out, out)
+    return torch.stack([gx, gy], -1)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -120,6 +120,38 @@ def bench_methods() -> list[str]:
     return [TEACHER_METHOD] + [m for m, e in CATALOG.items() if e.bench and m != TEACHER_METHOD]
 
 
+# The README's target rows, measured first (`--part targets`); `--part rest` is every other row.
+TARGET_METHODS = ("student", "stage1", "refilled")
+TARGET_STUDENTS = ("wrn-40-2", "wrn-16-1")
+
+
+def is_target(case: Case) -> bool:
+    return case.method in TARGET_METHODS and case.student in TARGET_STUDENTS
+
+
+# Seconds that are not timed loops, for `--plan` (guesses for a H100/H200-class GPU, never
+# measured there): starting the process (imports, CUDA context), per row (building the
+# networks, the reference DataLoader's workers, warm-up, capture, FLOP count), the one-off
+# synthetic JPEG files and their decoded cache for the 224 px rows, per concurrency round
+# (N processes starting, capturing).
+OVERHEAD_S = {"process": 15.0, "row_32": 4.0, "row_224": 8.0, "jpeg": 20.0, "round": 15.0}
+
+
+def plan_seconds(cfg: Config, cuda: bool, reference: bool, eager: bool, rounds: int,
+                 round_seconds: float) -> tuple[float, float]:
+    """(timed seconds at least, estimated seconds in all) of a bench run: each row times our
+    step, the reference (`reference`), our eager step (`eager`, CUDA graph rows) for at least
+    cfg.seconds each, and the teacher forward for cfg.seconds / 2; each concurrency round
+    trains for `round_seconds`."""
+    timed = rounds * round_seconds
+    for case in cfg.cases:
+        timed += cfg.seconds * (1 + reference + (eager and cuda)) + (cfg.seconds / 2 if method_has_teacher(case) else 0)
+    overhead = OVERHEAD_S["process"] + rounds * OVERHEAD_S["round"]
+    overhead += sum(OVERHEAD_S["row_32" if c.px <= 64 else "row_224"] for c in cfg.cases)
+    overhead += OVERHEAD_S["jpeg"] if any(c.px > 64 for c in cfg.cases) else 0
+    return timed, timed + overhead
+
+
 def _cases(student: str, teacher: str, px: int, batch: int, classes: int = 50, methods=None) -> list[Case]:
     from refilled.methods import get
 
@@ -404,7 +436,7 @@ def run_ours(case: Case, cfg: Config, data: _Data, device: torch.device, graph: 
 
     out["img_s"] = measure(one, case.batch, device, cfg.warmup, cfg.min_steps, cfg.seconds, cfg.sync_every)
     step.check_finite()
-    out["mode"] = step.mode
+    out["steps"] = step.record()
     if with_extras and method_has_teacher(case):
         out["teacher_s"] = _teacher_forward_seconds(method.teacher, x0, device, cfg)
     return out
@@ -427,8 +459,10 @@ def _teacher_forward_seconds(teacher, x, device: torch.device, cfg: Config) -> f
                                              cache_enabled=False):
             teacher(sx)
 
+    from refilled.step import capture_disabled
+
     fn = forward
-    if cuda:
+    if cuda and capture_disabled() is None:   # after a failed capture, no other in this process
         s = torch.cuda.Stream(device=device)
         s.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(s):
@@ -454,58 +488,94 @@ def _fmt(v, digits=3):
 
 
 def bench_rows(cfg: Config, device: torch.device, reference: bool = True, eager: bool | None = None,
-               workdir: Path | None = None, log=print, on_row=None) -> list[dict]:
-    """One row per case of `cfg`; `on_row(rows)` after each (to save partial results)."""
+               workdir: Path | None = None, log=print, on_row=None, earlier: list[dict] | None = None) -> list[dict]:
+    """One row per case of `cfg`, each passed to `on_row(row)` the moment it is measured (a
+    time limit keeps the finished rows). A row that fails (an exception, a non-finite loss)
+    says so in its notes and the next row runs. `earlier`: rows measured before (another
+    call), where `vs_ce` finds its CE row too."""
     eager = device.type == "cuda" if eager is None else eager
     if device.type == "cuda":   # for both pipelines, so that neither row depends on which ran first
         torch.backends.cudnn.benchmark = True
-    peak = peak_bf16_tflops(device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    known = list(earlier or [])
+    rows = []
     with tempfile.TemporaryDirectory(prefix="refilled-bench-") as tmp:
         data = _Data(cfg, Path(workdir or tmp))
-        rows = []
         for case in cfg.cases:
-            notes = []
             row = {"method": case.method, "student": case.student, "teacher": case.teacher or "", "px": case.px,
                    "batch": case.batch, "jobs": 1, "device": dev_name}
-            ref = None
-            if reference:
-                try:
-                    ref = run_reference(case, cfg, data, device)
-                except ImportError as exc:   # torchvision missing: no PIL reference
-                    notes.append(f"no reference ({exc.name} missing)")
-            ours = run_ours(case, cfg, data, device)
-            if ours["mode"] == "off" and device.type == "cuda":
-                notes.append("graph capture failed: eager")
-            row["ref_img_s"] = round(ref, 1) if ref else ""
-            row["ours_img_s"] = round(ours["img_s"], 1)
-            row["ratio"] = round(row["ours_img_s"] / row["ref_img_s"], 3) if ref else ""
-            if eager and ours["mode"] != "off":
-                row["ours_eager_img_s"] = round(run_ours(case, cfg, data, device, graph="off",
-                                                         with_extras=False)["img_s"], 1)
-            if "teacher_s" in ours:
-                row["teacher_share"] = round(ours["teacher_s"] * ours["img_s"] / case.batch, 3)
-            if ours["flops"] is None:
-                notes.append("FLOPs not counted (FlopCounterMode cannot trace autograd.grad)")
-                row["gflop_per_img"] = row["tflops"] = row["peak_share"] = "n/a"
-            else:
-                gflop = ours["flops"] / 1e9
-                row["gflop_per_img"] = round(gflop, 4)
-                tflops = gflop * ours["img_s"] / 1e3
-                row["tflops"] = round(tflops, 3)
-                row["peak_share"] = round(tflops / peak, 4) if peak else "n/a"
-            row["notes"] = "; ".join(notes)
+            try:
+                _measure_row(row, case, cfg, data, device, reference, eager, known)
+            except Exception as exc:   # this row's failure, reported in it; the next row runs
+                row["notes"] = failure_note(exc)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             rows.append(row)
-            log(f"  {case.method:8s} {case.student:15s} {case.px:4d}px: ours {row['ours_img_s']} img/s, "
-                f"reference {row['ref_img_s'] or '-'} img/s")
+            known.append(row)
+            log(f"  {case.method:8s} {case.student:15s} {case.px:4d}px: ours {row.get('ours_img_s') or '-'} img/s, "
+                f"reference {row.get('ref_img_s') or '-'} img/s{'  ' + row['notes'] if row['notes'] else ''}")
             if on_row:
-                on_row(rows)
-        for row in rows:   # ours against our CE step of the same student at the same size
-            ce = [r for r in rows if r["method"] == bench_methods()[0] and r["student"] == row["student"]
-                  and r["px"] == row["px"]]
-            if ce and row["method"] != bench_methods()[0]:
-                row["vs_ce"] = round(row["ours_img_s"] / ce[0]["ours_img_s"], 3)
+                on_row(row)
     return rows
+
+
+def failure_note(exc: BaseException) -> str:
+    """A failed row's note: the exception's type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"FAILED: {type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _measure_row(row: dict, case: Case, cfg: Config, data, device: torch.device, reference: bool, eager: bool,
+                 known: list[dict]) -> None:
+    from refilled.step import NonFiniteLoss
+
+    notes = []
+    ref = None
+    if reference:
+        try:
+            ref = run_reference(case, cfg, data, device)
+        except ImportError as exc:   # torchvision missing: no PIL reference
+            notes.append(f"no reference ({exc.name} missing)")
+    try:
+        ours = run_ours(case, cfg, data, device)
+    except NonFiniteLoss as exc:
+        raise FloatingPointError(f"non-finite loss ({exc})") from None
+    notes += _step_notes(ours["steps"], device)
+    row["ref_img_s"] = round(ref, 1) if ref else ""
+    row["ours_img_s"] = round(ours["img_s"], 1)
+    row["ratio"] = round(row["ours_img_s"] / row["ref_img_s"], 3) if ref else ""
+    if eager and ours["steps"]["graph_steps"]:
+        row["ours_eager_img_s"] = round(run_ours(case, cfg, data, device, graph="off", with_extras=False)["img_s"], 1)
+    if "teacher_s" in ours:
+        row["teacher_share"] = round(ours["teacher_s"] * ours["img_s"] / case.batch, 3)
+    peak = peak_bf16_tflops(device)
+    if ours["flops"] is None:
+        notes.append("FLOPs not counted (FlopCounterMode cannot trace autograd.grad)")
+        row["gflop_per_img"] = row["tflops"] = row["peak_share"] = "n/a"
+    else:
+        gflop = ours["flops"] / 1e9
+        row["gflop_per_img"] = round(gflop, 4)
+        tflops = gflop * ours["img_s"] / 1e3
+        row["tflops"] = round(tflops, 3)
+        row["peak_share"] = round(tflops / peak, 4) if peak else "n/a"
+    ce_method = bench_methods()[0]
+    ce = [r for r in known if r["method"] == ce_method and r["student"] == case.student
+          and str(r["px"]) == str(case.px) and str(r["jobs"]) == "1" and r.get("ours_img_s") not in (None, "")]
+    if ce and case.method != ce_method:   # ours against our CE step of the same student at the same size
+        row["vs_ce"] = round(row["ours_img_s"] / float(ce[-1]["ours_img_s"]), 3)
+    row["notes"] = "; ".join(notes)
+
+
+def _step_notes(record: dict, device: torch.device) -> list[str]:
+    """What a row must say about how its timed steps ran, where it is not the plain graph."""
+    if record["requested"] == "off" or record["mode"] == "graph":
+        return []
+    if record["capture_failures"]:
+        return [f"graph capture failed: eager ({record.get('capture_disabled', '')})"]
+    if record.get("capture_disabled"):
+        return ["eager: graph capture is off in this process after an earlier failure"]
+    return [f"steps ran as {record['mode']} ({record['fallbacks']} eager fallbacks)"]
 
 
 # --------------------------------------------------------------------------------------
@@ -550,58 +620,79 @@ def _child(spec: dict) -> int:
                 if time.perf_counter() - began >= spec["seconds"]:
                     break
         elapsed = time.perf_counter() - began
-    print(json.dumps({"images": n * case.batch, "seconds": elapsed}), flush=True)
+    print(json.dumps({"images": n * case.batch, "seconds": elapsed, "mode": step.record()["mode"]}), flush=True)
     return 0
 
 
 def concurrent_rows(cfg: Config, device: torch.device, jobs_list: list[int], case: Case, seconds: float,
-                    log=print) -> list[dict]:
-    """Aggregate images per second of N processes each running our step of `case`."""
+                    log=print, on_row=None, one_job: tuple[float, str] | None = None) -> list[dict]:
+    """Aggregate images per second of N processes each running our step of `case`, one row
+    per N (ascending), each passed to `on_row(row)` when measured. `vs_one_job` compares
+    with the N = 1 round, or where there is none with `one_job` (img/s, what it is)."""
     src = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     rows = []
     if device.type == "cuda":
         torch.cuda.empty_cache()    # leave the GPU's memory to the children
-    for jobs in jobs_list:
-        with tempfile.TemporaryDirectory(prefix="refilled-conc-") as tmp:
-            go = Path(tmp) / "go"
-            procs, logs = [], []
-            for j in range(jobs):
-                spec = {"device": str(device), "case": asdict(case), "config": cfg.name, "seconds": seconds,
-                        "ready": str(Path(tmp) / f"ready{j}"), "go": str(go)}
-                # files, not pipes: a child must never block on output nobody reads while we wait
-                logs.append((open(Path(tmp) / f"out{j}", "w+"), open(Path(tmp) / f"err{j}", "w+")))
-                procs.append(subprocess.Popen([sys.executable, "-m", "refilled.bench", "--child", json.dumps(spec)],
-                                              env=env, stdout=logs[-1][0], stderr=logs[-1][1], text=True))
-            deadline = time.time() + 600
-            while not all((Path(tmp) / f"ready{j}").exists() for j in range(jobs)):
-                if any(p.poll() not in (None, 0) for p in procs) or time.time() > deadline:
-                    break
-                time.sleep(0.01)
-            go.write_text("go")
-            results, errors = [], []
-            for p, (out_f, err_f) in zip(procs, logs):
-                p.wait(timeout=900)
-                with out_f, err_f:
-                    out_f.seek(0)
-                    err_f.seek(0)
-                    out, err = out_f.read(), err_f.read()
-                if p.returncode == 0:
-                    results.append(json.loads(out.strip().splitlines()[-1]))
-                else:
-                    errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit {p.returncode}")
+    for jobs in sorted(jobs_list):
+        row = {"method": f"{case.method} (concurrent)", "student": case.student, "teacher": case.teacher or "",
+               "px": case.px, "batch": case.batch, "jobs": jobs, "device": dev_name, "ref_img_s": "", "ratio": "",
+               "peak_share": ""}
+        try:
+            results, errors = _concurrent_round(cfg, device, jobs, case, seconds, env)
+        except Exception as exc:   # this round's failure, reported in its row; the next round runs
+            results, errors = [], [failure_note(exc)]
+        modes = sorted({r.get("mode", "?") for r in results} - {"graph"}) if device.type == "cuda" else []
         total = sum(r["images"] / r["seconds"] for r in results)
-        row = {"method": f"{case.method} (concurrent)", "student": case.student, "teacher": case.teacher or "", "px": case.px,
-               "batch": case.batch, "jobs": jobs, "ours_img_s": round(total, 1), "device": dev_name,
-               "ref_img_s": "", "ratio": "", "peak_share": "", "notes": "; ".join(errors)}
+        row["ours_img_s"] = round(total, 1) if results else ""
+        if len(results) < jobs and not errors:
+            errors.append(f"{jobs - len(results)} of {jobs} jobs reported nothing")
+        row["notes"] = "; ".join(errors + [f"steps ran as {m}" for m in modes])
+        if jobs == 1 and results and not errors:
+            one_job = (row["ours_img_s"], "")
+        if one_job and results and one_job[0]:
+            row["vs_one_job"] = round(row["ours_img_s"] / one_job[0], 3)
+            if one_job[1]:
+                row["notes"] = "; ".join(filter(None, [row["notes"], f"vs 1 job: against {one_job[1]}"]))
         rows.append(row)
-        log(f"  concurrent x{jobs}: {row['ours_img_s']} img/s in total")
-    one = [r for r in rows if r["jobs"] == 1]
-    for row in rows:
-        if one and one[0]["ours_img_s"]:
-            row["vs_one_job"] = round(row["ours_img_s"] / one[0]["ours_img_s"], 3)
+        notes = f"  {row['notes']}" if row["notes"] else ""
+        log(f"  concurrent x{jobs}: {row['ours_img_s'] or '-'} img/s in total{notes}")
+        if on_row:
+            on_row(row)
     return rows
+
+
+def _concurrent_round(cfg: Config, device: torch.device, jobs: int, case: Case, seconds: float, env: dict):
+    """N child processes of `case` started together; (their reports, their errors)."""
+    with tempfile.TemporaryDirectory(prefix="refilled-conc-") as tmp:
+        go = Path(tmp) / "go"
+        procs, logs = [], []
+        for j in range(jobs):
+            spec = {"device": str(device), "case": asdict(case), "config": cfg.name, "seconds": seconds,
+                    "ready": str(Path(tmp) / f"ready{j}"), "go": str(go)}
+            # files, not pipes: a child must never block on output nobody reads while we wait
+            logs.append((open(Path(tmp) / f"out{j}", "w+"), open(Path(tmp) / f"err{j}", "w+")))
+            procs.append(subprocess.Popen([sys.executable, "-m", "refilled.bench", "--child", json.dumps(spec)],
+                                          env=env, stdout=logs[-1][0], stderr=logs[-1][1], text=True))
+        deadline = time.time() + 600
+        while not all((Path(tmp) / f"ready{j}").exists() for j in range(jobs)):
+            if any(p.poll() not in (None, 0) for p in procs) or time.time() > deadline:
+                break
+            time.sleep(0.01)
+        go.write_text("go")
+        results, errors = [], []
+        for p, (out_f, err_f) in zip(procs, logs):
+            p.wait(timeout=900)
+            with out_f, err_f:
+                out_f.seek(0)
+                err_f.seek(0)
+                out, err = out_f.read(), err_f.read()
+            if p.returncode == 0:
+                results.append(json.loads(out.strip().splitlines()[-1]))
+            else:
+                errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit {p.returncode}")
+    return results, errors
 
 
 # --------------------------------------------------------------------------------------
@@ -642,30 +733,71 @@ def run_bench(args) -> list[dict]:
         cfg.cases = [c for c in cfg.cases if c.method in args.methods]
     if args.archs:
         cfg.cases = [c for c in cfg.cases if c.student in args.archs]
+    if args.part != "all":
+        cfg.cases = [c for c in cfg.cases if is_target(c) == (args.part == "targets")]
     if args.workers is not None:
         cfg.workers = args.workers
+    eager = None if args.eager is None else args.eager == "yes"
+    jobs_list = list(args.concurrent or [])
+    conc_seconds = args.concurrent_seconds
+    if conc_seconds is None:
+        conc_seconds = 3.0 if config == "full" else 0.5
+    earlier = _read_rows(args.out) if args.append and args.out and Path(args.out).exists() else []
+    measured = {_row_key(r) for r in earlier if r.get("ours_img_s") not in (None, "")}
+    earlier = [r for r in earlier if _row_key(r) in measured]   # a failed row is measured again, not kept twice
+    cfg.cases = [c for c in cfg.cases if (c.method, c.student, str(c.px), "1") not in measured]
+    base = Case(bench_methods()[0], args.concurrent_arch or "wrn-16-1", None, 32, cfg.batch,
+                50 if config == "full" else 8)
+    jobs_list = [j for j in jobs_list if (f"{base.method} (concurrent)", base.student, "32", str(j)) not in measured]
+    if args.plan:
+        cuda = device.type == "cuda"
+        timed, estimate = plan_seconds(cfg, cuda, not args.no_reference, cuda if eager is None else eager,
+                                       len(jobs_list), conc_seconds)
+        print(f"plan: {len(cfg.cases)} rows and {len(jobs_list)} concurrency rounds; timed {timed:.1f} s at least, "
+              f"estimated {estimate:.0f} s in all (a guess, not measured)")
+        return []
     print(f"refilled bench: {config} configuration on {device} (torch {torch.__version__}); "
           f"reference = per-sample PIL DataLoader ({cfg.workers} workers), fp32, eager"
           "; a method's reference_loss where it has one (stage 1: the Python tuple loop)", flush=True)
-    def save(rows):   # partial results survive a time limit
+    rows = list(earlier)
+
+    def save(row):   # every row the moment it is measured: a time limit keeps the finished ones
+        for c in COLUMNS:
+            row.setdefault(c, "")
+        rows.append(row)
         if args.out:
             write_csv(args.out, [{c: r.get(c, "") for c in COLUMNS} for r in rows], COLUMNS)
 
-    rows = bench_rows(cfg, device, reference=not args.no_reference,
-                      eager=None if args.eager is None else args.eager == "yes",
-                      log=lambda s: print(s, flush=True), on_row=save)
-    if args.concurrent:
-        base = Case(bench_methods()[0], args.concurrent_arch or ("wrn-16-1"), None, 32, cfg.batch,
-                    50 if config == "full" else 8)
-        seconds = args.concurrent_seconds if args.concurrent_seconds is not None else (3.0 if config == "full" else 0.5)
-        rows += concurrent_rows(cfg, device, args.concurrent, base, seconds, log=lambda s: print(s, flush=True))
-    for r in rows:
-        for c in COLUMNS:
-            r.setdefault(c, "")
+    log = lambda s: print(s, flush=True)
+    bench_rows(cfg, device, reference=not args.no_reference, eager=eager, log=log, on_row=save, earlier=earlier)
+    if jobs_list:
+        in_process = [r for r in rows if r["method"] == base.method and r["student"] == base.student
+                      and str(r["px"]) == "32" and str(r["jobs"]) == "1" and r.get("ours_img_s") not in (None, "")]
+        one_job = (float(in_process[-1]["ours_img_s"]), "the in-process row") if in_process else None
+        one_conc = [r for r in rows if r["method"] == f"{base.method} (concurrent)" and str(r["jobs"]) == "1"
+                    and r.get("ours_img_s") not in (None, "")]
+        if one_conc:
+            one_job = (float(one_conc[-1]["ours_img_s"]), "")
+        concurrent_rows(cfg, device, jobs_list, base, conc_seconds, log=log, on_row=save, one_job=one_job)
     print(format_table(rows))
     if args.out:
-        write_csv(args.out, rows, COLUMNS)
         print(f"wrote {args.out}")
+    return rows
+
+
+def _row_key(row: dict) -> tuple[str, str, str, str]:
+    return row["method"], row["student"], str(row["px"]), str(row["jobs"])
+
+
+def _read_rows(path) -> list[dict]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if rows and list(rows[0]) != COLUMNS:
+        print(f"refilled bench: {path} has other columns than this version writes; choose another --out "
+              "or drop --append", file=sys.stderr)
+        raise SystemExit(2)
     return rows
 
 
@@ -689,11 +821,19 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrent-arch", default=None, help="student of the concurrent jobs (default wrn-16-1)")
     p.add_argument("--concurrent-seconds", type=float, default=None, help="timed seconds of each concurrent job")
     p.add_argument("--out", type=Path, default=Path("bench.csv"), help="CSV path (default bench.csv)")
+    p.add_argument("--part", choices=("all", "targets", "rest"), default="all",
+                   help="targets: only the README's target rows (" + ", ".join(TARGET_METHODS) + " for "
+                        + " and ".join(TARGET_STUDENTS) + "); rest: every other row")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in --out and measure only those not there yet")
+    p.add_argument("--plan", action="store_true",
+                   help="print the timed seconds (at least) and estimated seconds of this selection; measure nothing")
 
 
 def cmd_bench(args) -> int:
-    run_bench(args)
-    return 0
+    """0, or 1 where a row failed (its notes say how; --append drops earlier failed rows)."""
+    rows = run_bench(args)
+    return 1 if any(r.get("ours_img_s") in (None, "") for r in rows) else 0
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:

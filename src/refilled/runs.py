@@ -203,6 +203,7 @@ class Context:
             "data": {"root": str(spec.data_root), "per_class": spec.per_class, "train": self.train.split.describe(),
                      "test": self.test.split.describe()},
             "profile": spec.profile, "seconds": round(time.time() - began, 1), **environment(self.device),
+            "steps": last["steps"],    # a record of how the steps ran (graph or eager), not configuration
             "fingerprint": run_fingerprint(cfg, spec.seed),
         }
         write_json(spec.out / "summary.json", full)

@@ -28,6 +28,14 @@ turns it off), ``"on"``, ``"off"``, and ``"emulate"``: the whole capture procedu
 step function eagerly on the static buffers. The CPU tests use it to cover the capture
 code without a GPU; on CUDA ``"on"`` runs the same code with a real graph.
 
+A failed capture (on CUDA): the weights, BN statistics, momentum buffers, accumulators and
+the RNG state are restored from the snapshot, that step runs eagerly, and capture is
+switched off for the whole process (`capture_disabled()` says why): on torch 2.11 a failed
+``capture_end`` can leave the caching allocator believing a capture is under way (fixed
+upstream in 2.12), and a second capture in that process would break every later CUDA call.
+`record()` says how the steps ran (mode, captures, failures, fallbacks); runs write it into
+summary.json.
+
 Non-finite losses: every step records, on the device, the index of the first step whose
 loss terms were not all finite and those terms. `check_finite()` reads that flag (one
 host sync); `step` calls it every ``check_every`` steps and `end_epoch` always, and it
@@ -43,6 +51,23 @@ import torch
 
 CHANNELS_LAST = torch.channels_last
 GRAPH_MODES = ("auto", "on", "off", "emulate")
+
+# what the real-graph path calls; the CPU tests swap in a stand-in whose capture fails
+cuda_api = torch.cuda
+
+# set by the first failed capture in this process: the reason; no capture is tried after it
+_capture_broken: str | None = None
+
+
+def capture_disabled() -> str | None:
+    """Why CUDA-graph capture is off for the rest of this process (None: it is not)."""
+    return _capture_broken
+
+
+def _disable_capture(reason: str) -> None:
+    global _capture_broken
+    if _capture_broken is None:
+        _capture_broken = reason
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -116,8 +141,12 @@ class TrainStep:
         self._replay = None         # callable replaying the captured step
         self._graph = None          # the torch.cuda.CUDAGraph (kept alive)
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.captures = 0           # how many times the step was captured (tests, reports)
-        self.eager_fallbacks = 0    # steps run eagerly in a graph mode (shape change)
+        # how the steps ran, over the step's life (record() reports them)
+        self.captures = 0           # successful captures
+        self.capture_failures = 0   # captures that failed (the step then ran eagerly)
+        self.eager_fallbacks = 0    # steps run eagerly although a graph was asked (shape change, failed capture)
+        self.graph_steps = 0        # steps replayed from a graph (emulated or real)
+        self.eager_steps = 0        # steps run eagerly, fallbacks included
 
     # ---- learning rate and epochs -------------------------------------------------------
 
@@ -182,23 +211,43 @@ class TrainStep:
     # ---- the step ----------------------------------------------------------------------------
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.mode != "off" and self._replay is None:
+        if self._replay is None and self.mode != "off" and not self._capture_refused():
             self._capture(x, y)
-        if self.mode == "off":
-            self._body(self._prepare(x), y)
-        else:
-            sx, sy = self._static
-            if sx.shape == x.shape and sy.shape == y.shape:
-                sx.copy_(x)
-                sy.copy_(y)
-                self._replay()
-            else:   # a batch of another shape: run it eagerly (the graph stays valid)
+        sx, sy = self._static if self._replay is not None else (None, None)
+        if sx is not None and sx.shape == x.shape and sy.shape == y.shape:
+            sx.copy_(x)
+            sy.copy_(y)
+            self._replay()
+            self.graph_steps += 1
+        else:   # eager: mode off, a failed or refused capture, or a batch of another shape (the graph stays valid)
+            if self.mode != "off":
                 self.eager_fallbacks += 1
-                self._body(self._prepare(x), y, set_to_none=False)
+            self.eager_steps += 1
+            self._body(self._prepare(x), y, set_to_none=self._replay is None)
         self.steps += 1
         self.seen += int(y.shape[0])
         if self.check_every and self.steps % self.check_every == 0:
             self.check_finite()
+
+    def _capture_refused(self) -> bool:
+        return self.mode == "on" and capture_disabled() is not None
+
+    def record(self) -> dict:
+        """How the steps ran: mode "graph" (every step replayed), "eager" (none),
+        "graph with fallbacks" (some ran eagerly although a graph was asked) or "none" (no
+        step yet); the counts behind it; the reason capture is off in this process, if it is."""
+        if self.graph_steps + self.eager_steps == 0:
+            mode = "none"
+        elif self.graph_steps == 0:
+            mode = "eager"
+        else:
+            mode = "graph with fallbacks" if self.eager_fallbacks else "graph"
+        out = {"mode": mode, "requested": self.mode, "captures": self.captures,
+               "capture_failures": self.capture_failures, "fallbacks": self.eager_fallbacks,
+               "graph_steps": self.graph_steps, "eager_steps": self.eager_steps}
+        if self.mode == "on" and capture_disabled():
+            out["capture_disabled"] = capture_disabled()
+        return out
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=CHANNELS_LAST) if self.channels_last else x
@@ -239,8 +288,8 @@ class TrainStep:
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         cuda = self.mode == "on"
-        if cuda and self.lr.device.type != "cuda":
-            raise RuntimeError("a captured step needs the learning rate as a CUDA tensor")
+        if cuda and self.lr.device.type != self.device.type:
+            raise RuntimeError("a captured step needs the learning rate as a tensor on the step's device")
         # the layout eager would see: channels-last on CUDA, the batch's own strides otherwise
         sx = torch.empty_like(x, memory_format=CHANNELS_LAST if self.channels_last else torch.preserve_format)
         sx.copy_(x)
@@ -249,33 +298,7 @@ class TrainStep:
         snap = self._snapshot()
         try:
             if cuda:
-                stream = torch.cuda.Stream(device=self.device)
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream):
-                    for _ in range(self.warmup_steps):
-                        self._body(sx, sy)
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                self._restore(snap)
-                self.optimizer.zero_grad(set_to_none=True)
-                graph = torch.cuda.CUDAGraph()
-                caller_stream = torch.cuda.current_stream(self.device)
-                body_error = None
-                try:
-                    # thread_local: a DataLoader pin-memory thread allocating pinned memory meanwhile
-                    # neither breaks the capture nor gets an error (the default 'global' would)
-                    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                        try:
-                            self._body(sx, sy)
-                        except Exception as exc:   # report this, not the "invalid capture" that follows
-                            body_error = exc
-                except Exception:
-                    # a failing capture_end skips the stream context's exit: go back to the caller's stream
-                    torch.cuda.set_stream(caller_stream)
-                    if body_error is None:
-                        raise
-                if body_error is not None:
-                    raise body_error
-                self._graph, self._replay = graph, graph.replay
+                self._capture_cuda(sx, sy, snap)
             else:   # emulate: the same procedure, replay = run the step function on the static buffers
                 for _ in range(self.warmup_steps):
                     self._body(sx, sy)
@@ -285,15 +308,46 @@ class TrainStep:
         except Exception as exc:
             if not cuda:
                 raise
-            warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running the step eagerly",
+            reason = f"CUDA graph capture failed ({type(exc).__name__}: {exc})"
+            warnings.warn(f"{reason}; running this step and every later one in this process eagerly",
                           RuntimeWarning, stacklevel=3)
-            torch.cuda.synchronize(self.device)
-            self._restore(snap)
+            _disable_capture(reason)
+            self.capture_failures += 1
+            cuda_api.synchronize(self.device)
+            self._restore(snap)      # weights, BN statistics, momentum buffers, accumulators, RNG
             self.optimizer.zero_grad(set_to_none=True)
             self.invalidate()
-            self.mode = "off"
             return
         self.captures += 1
+
+    def _capture_cuda(self, sx: torch.Tensor, sy: torch.Tensor, snap: dict) -> None:
+        stream = cuda_api.Stream(device=self.device)
+        stream.wait_stream(cuda_api.current_stream(self.device))
+        with cuda_api.stream(stream):
+            for _ in range(self.warmup_steps):
+                self._body(sx, sy)
+        cuda_api.current_stream(self.device).wait_stream(stream)
+        self._restore(snap)
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = cuda_api.CUDAGraph()
+        caller_stream = cuda_api.current_stream(self.device)
+        body_error = None
+        try:
+            # thread_local: a DataLoader pin-memory thread allocating pinned memory meanwhile
+            # neither breaks the capture nor gets an error (the default 'global' would)
+            with cuda_api.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                try:
+                    self._body(sx, sy)
+                except Exception as exc:   # report this, not the "invalid capture" that follows
+                    body_error = exc
+        except Exception:
+            # a failing capture_end skips the stream context's exit: go back to the caller's stream
+            cuda_api.set_stream(caller_stream)
+            if body_error is None:
+                raise
+        if body_error is not None:
+            raise body_error
+        self._graph, self._replay = graph, graph.replay
 
     def _snapshot(self) -> dict:
         tensors = self.params + [b for b in self.method.buffers()]
@@ -305,7 +359,7 @@ class TrainStep:
         acc = None if self._acc is None else {k: v.clone() for k, v in self._acc.items()}
         # the warm-up draws random numbers (dropout masks): the replays must draw what eager steps would
         rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+               "cuda": cuda_api.get_rng_state(self.device) if self.device.type == "cuda" else None}
         return {"tensors": [(t, t.detach().clone()) for t in tensors], "opt": opt_state, "acc": acc, "rng": rng}
 
     @torch.no_grad()
@@ -323,7 +377,7 @@ class TrainStep:
                     v.copy_(saved[k])
         torch.set_rng_state(snap["rng"]["cpu"])
         if snap["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(snap["rng"]["cuda"], self.device)
+            cuda_api.set_rng_state(snap["rng"]["cuda"], self.device)
         if self._acc is not None:
             for k, v in self._acc.items():
                 if snap["acc"] is not None:

@@ -104,7 +104,8 @@ NAN_CHECK_EVERY = int(os.environ.get("REFILLED_NAN_CHECK_EVERY", "50"))
 def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]], cfg: OptimConfig,
         run_dir: str | Path, device: torch.device, seed: int, graph: str | bool | None = "auto",
         check_every: int | None = None) -> dict:
-    """Train `method` for cfg.epochs; return the last epoch's metrics row.
+    """Train `method` for cfg.epochs; return the last epoch's metrics row, plus "steps": how
+    this call's steps ran (`TrainStep.record()`: graph, eager or graph with fallbacks).
 
     `evaluate()` runs after every epoch and returns the metrics to log (test accuracy,
     NCM accuracy, ...). `graph`: "auto" (CUDA graph on CUDA), "on", "off" or "emulate"
@@ -152,7 +153,7 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
         write_csv(run_dir / METRICS_FILE, rows, list(dict.fromkeys(k for row in rows for k in row)))
         save_tensors(run_dir / RESUME_FILE, {"fingerprint": fingerprint, "epoch": epoch + 1, "rows": rows,
                                              "method": method.state_dict(), "optimizer": step.optimizer_state_dict()})
-    return rows[-1]
+    return {**rows[-1], "steps": step.record()}
 
 
 def _kept(run_dir: Path, finished_epochs: int) -> str:
