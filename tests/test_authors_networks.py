@@ -436,3 +436,36 @@ def test_train_and_reload_through_the_cli(tmp_path):
     rc, _, err = cli(["train", "--method", "student", "--split", split, "--arch", "wrn-author-10-1", "--data-root",
                       root, "--no-checksum", "--epochs", 1, "--device", "cpu", "--out", tmp_path / "bad"])
     assert rc == 2 and "wrn-author-10-1" in err and not (tmp_path / "bad" / "model.pt").exists()
+
+
+def test_paper_profile_defaults_to_the_authors_networks_and_the_others_to_ours():
+    """Tables 1 and 2 of the paper profile (teachers, students, and Table 4, the figures and the
+    gain sweep built on them) run the authors' networks; Table 3 (Overhaul's code) and every
+    Fashion-MNIST profile run ours."""
+    from pathlib import Path
+
+    from refilled.config import load_profile
+
+    root = Path(__file__).resolve().parents[1]
+
+    def archs(cfg, tables):
+        exps = cfg["experiments"]
+        out = [a for t in tables for a in (exps[t]["teacher"]["arch"], *exps[t]["students"])]
+        if "table1" in tables:
+            out += [cfg["table4"]["arch"], cfg["figure1"]["arch"], cfg["figure3"]["arch"], cfg["gain_vs_data"]["arch"]]
+        return out
+
+    paper = load_profile(root, "paper")
+    assert {arch_code(a) for a in archs(paper, ["table1", "table2"])} == {AUTHORS}
+    assert {arch_code(a) for a in archs(paper, ["table3"])} == {OURS}
+    for name in ("smoke", "demo", "gpu", "claims"):
+        assert {arch_code(a) for a in archs(load_profile(root, name), ["table1", "table2", "table3"])} == {OURS}, name
+
+
+def test_the_reproduction_pairs_the_authors_students_with_the_papers():
+    from refilled.reproduction import paper_counterpart
+
+    assert [paper_counterpart("2", a, "wrn-authors-40-2") for a in AUTHORS_ARCHS[:4]] == \
+        ["wrn-40-2", "wrn-16-2", "wrn-40-1", "wrn-16-1"]
+    assert [paper_counterpart("1", a, "mobilenet-authors-1.0") for a in AUTHORS_ARCHS[4:]] == \
+        ["mobilenet-1.0", "mobilenet-0.75", "mobilenet-0.5", "mobilenet-0.25"]
