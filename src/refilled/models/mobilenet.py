@@ -17,8 +17,6 @@ STAGES: tuple[tuple[tuple[int, int], ...], ...] = (
 )
 
 
-
-
 def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int, groups: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(out_ch)]
 
