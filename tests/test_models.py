@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refilled.models import KNOWN_ARCHS, ModelOutput, build_model, parse_arch
+from refilled.models import AUTHORS_ARCHS, KNOWN_ARCHS, ModelOutput, build_model, parse_arch
 
 torch.manual_seed(0)
 
@@ -56,10 +56,16 @@ def test_known_archs_are_the_paper_set():
         "wrn-40-2", "wrn-16-2", "wrn-40-1", "wrn-16-1", "wrn-28-4", "wrn-16-4", "wrn-28-2",
         "mobilenet-1.0", "mobilenet-0.75", "mobilenet-0.5", "mobilenet-0.25",
     }
+    # Tables 1 and 2 in the authors' code too (Table 3 ran Overhaul's code, whose WRN is ours)
+    assert set(AUTHORS_ARCHS) == {
+        "wrn-authors-40-2", "wrn-authors-16-2", "wrn-authors-40-1", "wrn-authors-16-1",
+        "mobilenet-authors-1.0", "mobilenet-authors-0.75", "mobilenet-authors-0.5", "mobilenet-authors-0.25",
+    }
 
 
 @pytest.mark.parametrize(
-    "name,size", [(a, 32) for a in KNOWN_ARCHS] + [("mobilenet-1.0", 224), ("mobilenet-0.25", 224)]
+    "name,size", [(a, 32) for a in KNOWN_ARCHS + AUTHORS_ARCHS]
+    + [("mobilenet-1.0", 224), ("mobilenet-0.25", 224), ("mobilenet-authors-0.25", 224)]
 )
 def test_forward_shapes(name, size):
     model, _, out = run(name, size)
@@ -101,15 +107,16 @@ def test_param_count_mobilenet(alpha):
     assert n_params(f"mobilenet-{alpha}", 1000) == mobilenet_param_count(alpha, 1000)
 
 
-@pytest.mark.parametrize("name", ["wrn-16-2", "mobilenet-0.5"])
+@pytest.mark.parametrize("name", ["wrn-16-2", "mobilenet-0.5", "wrn-authors-16-2", "mobilenet-authors-0.5"])
 @pytest.mark.parametrize("train", [False, True])
 def test_embedding_feeds_head(name, train):
     model, _, out = run(name, 32, train=train)
     torch.testing.assert_close(model.head(out.embedding), out.logits)
 
 
-def test_wrn_embedding_is_pooled_final_activation():
-    model = build_model("wrn-16-2", 5).eval()
+@pytest.mark.parametrize("name", ["wrn-16-2", "wrn-authors-16-2"])
+def test_wrn_embedding_is_pooled_final_activation(name):
+    model = build_model(name, 5).eval()
     captured = {}
     model.relu.register_forward_hook(lambda m, i, o: captured.setdefault("act", o.clone()))
     with torch.no_grad():
@@ -123,7 +130,7 @@ def test_mobilenet_embedding_is_pooled_final_activation():
     torch.testing.assert_close(out.embedding, F.relu(out.features[-1]).mean((2, 3)))
 
 
-@pytest.mark.parametrize("name", ["wrn-16-2", "mobilenet-0.5"])
+@pytest.mark.parametrize("name", ["wrn-16-2", "mobilenet-0.5", "wrn-authors-16-2", "mobilenet-authors-0.5"])
 def test_features_are_pre_relu(name):
     _, _, out = run(name, 32, train=True)
     assert all((f < 0).any() for f in out.features)
@@ -143,7 +150,7 @@ def test_bad_names_raise(name):
     with pytest.raises(ValueError, match=re.escape(repr(name))) as info:
         build_model(name, 10)
     assert "wrn-<depth>-<width>" in str(info.value) and "mobilenet-<alpha>" in str(info.value)
-    assert all(a in str(info.value) for a in KNOWN_ARCHS)
+    assert all(a in str(info.value) for a in KNOWN_ARCHS + AUTHORS_ARCHS)
 
 
 def test_bad_wrn_depth_direct():
@@ -153,7 +160,7 @@ def test_bad_wrn_depth_direct():
         WideResNet(41, 2, 10)
 
 
-@pytest.mark.parametrize("name", ["wrn-16-2", "mobilenet-0.5"])
+@pytest.mark.parametrize("name", ["wrn-16-2", "mobilenet-0.5", "wrn-authors-16-2", "mobilenet-authors-0.5"])
 def test_channels_last_bf16_autocast(name):
     model = build_model(name, 10).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -167,7 +174,7 @@ def test_channels_last_bf16_autocast(name):
     assert (logits - ref).norm() / ref.norm() < 0.05
 
 
-@pytest.mark.parametrize("name", ["wrn-16-1", "mobilenet-0.25"])
+@pytest.mark.parametrize("name", ["wrn-16-1", "mobilenet-0.25", "wrn-authors-16-1", "mobilenet-authors-0.25"])
 def test_compiles_without_graph_breaks(name):
     model = build_model(name, 10).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -178,7 +185,7 @@ def test_compiles_without_graph_breaks(name):
     assert isinstance(out, ModelOutput)
 
 
-@pytest.mark.parametrize("name", ["wrn-16-1", "mobilenet-0.25"])
+@pytest.mark.parametrize("name", ["wrn-16-1", "mobilenet-0.25", "wrn-authors-16-1", "mobilenet-authors-0.25"])
 def test_backward_through_all_outputs(name):
     model = build_model(name, 10).train().to(memory_format=torch.channels_last)
     out = model(torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last))
@@ -187,7 +194,7 @@ def test_backward_through_all_outputs(name):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["wrn-16-2", "wrn-10-1", "mobilenet-0.5"])
+@pytest.mark.parametrize("name", ["wrn-16-2", "wrn-10-1", "mobilenet-0.5", "wrn-authors-10-1", "mobilenet-authors-0.5"])
 @pytest.mark.parametrize("train", [False, True])
 def test_pre_relu_features_are_the_bn_outputs(name, train):
     """Each pre-ReLU feature is its BN applied to the stage output (recomputed here from the

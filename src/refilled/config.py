@@ -144,7 +144,9 @@ def check_semantics(cfg: dict, source: str) -> None:
             if not arch_ok(a):
                 key = "teacher.arch" if i == 0 else f"students[{i - 1}]"
                 problems.append(f"experiments.{name}.{key}: unknown architecture {a!r} "
-                                "(wrn-<depth>-<width> with depth = 6n+4 >= 10, or mobilenet-<width>)")
+                                "(wrn-<depth>-<width> with depth = 6n+4 >= 10, or mobilenet-<width>; the same "
+                                "shapes as the authors' code builds them: wrn-authors-<depth>-<width>, "
+                                "mobilenet-authors-<width>)")
 
     def need(key: str, exp_name: str, ratios=(), arch=None):
         exp = exps[exp_name]

@@ -1,14 +1,17 @@
-"""Model zoo: WRN-depth-width and MobileNet-v1, all returning :class:`ModelOutput`."""
+"""Model zoo: WRN-depth-width and MobileNet-v1, ours and the authors' (refilled.archs names
+them), all returning :class:`ModelOutput`."""
 from __future__ import annotations
 
 from torch import nn
 
-from refilled.archs import KNOWN_ARCHS, parse_arch
+from refilled.archs import AUTHORS, AUTHORS_ARCHS, KNOWN_ARCHS, arch_code, parse_arch
 
+from .authors import AuthorsMobileNet, AuthorsWideResNet
 from .mobilenet import MobileNetV1
 from .wrn import ModelOutput, WideResNet
 
-__all__ = ["KNOWN_ARCHS", "ModelOutput", "MobileNetV1", "WideResNet", "build_model", "parse_arch"]
+__all__ = ["AUTHORS_ARCHS", "KNOWN_ARCHS", "AuthorsMobileNet", "AuthorsWideResNet", "ModelOutput", "MobileNetV1",
+           "WideResNet", "build_model", "parse_arch"]
 
 def build_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
     """The network ``name`` (see :func:`parse_arch`) with a head over ``num_classes``.
@@ -19,9 +22,10 @@ def build_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
     it is a ValueError rather than silently ignored.
     """
     family, args = parse_arch(name)
+    authors = arch_code(name) == AUTHORS
     if family == "wrn":
-        return WideResNet(*args, num_classes=num_classes, dropout=dropout)
+        return (AuthorsWideResNet if authors else WideResNet)(*args, num_classes=num_classes, dropout=dropout)
     if dropout:
         raise ValueError(f"{name}: MobileNet-v1 has no dropout (the authors' MobileNet has none); "
                          f"got dropout={dropout}, use 0")
-    return MobileNetV1(*args, num_classes=num_classes)
+    return (AuthorsMobileNet if authors else MobileNetV1)(*args, num_classes=num_classes)

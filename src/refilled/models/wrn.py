@@ -84,6 +84,11 @@ class WideResNet(nn.Module):
     authors use 0.3); 0 (default) builds the network without dropout.
     """
 
+    # What the authors' code builds differently (refilled.models.authors overrides these).
+    block: type[nn.Module] = BasicBlock
+    stem_bias = False
+    final_bn_momentum = 0.1    # PyTorch's default
+
     def __init__(self, depth: int, width: int, num_classes: int, dropout: float = 0.0):
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
@@ -94,18 +99,21 @@ class WideResNet(nn.Module):
             raise ValueError(f"WRN dropout must be in [0, 1), got {dropout}")
         n = (depth - 4) // 6
         channels = [16, 16 * width, 32 * width, 64 * width]
-        self.conv1 = nn.Conv2d(3, channels[0], 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(3, channels[0], 3, 1, 1, bias=self.stem_bias)
         self.groups = nn.ModuleList(
-            nn.Sequential(*(BasicBlock(channels[i] if j == 0 else channels[i + 1], channels[i + 1],
+            nn.Sequential(*(self.block(channels[i] if j == 0 else channels[i + 1], channels[i + 1],
                                        stride if j == 0 else 1, dropout) for j in range(n)))
             for i, stride in enumerate((1, 2, 2))
         )
-        self.bn = nn.BatchNorm2d(channels[3])
+        self.bn = nn.BatchNorm2d(channels[3], momentum=self.final_bn_momentum)
         self.relu = nn.ReLU()
         self.head = nn.Linear(channels[3], num_classes)
         self.depth, self.width, self.dropout_rate = depth, width, float(dropout)
         self.embedding_dim = channels[3]
         self.num_classes = num_classes
+        self.init_weights()
+
+    def init_weights(self) -> None:
         init_weights(self)
 
     def bn_before_relu(self) -> list[nn.BatchNorm2d]:
