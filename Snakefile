@@ -14,6 +14,9 @@ configfile: f"{workflow.basedir}/params.yaml"
 include: "workflow/rules/common.smk"
 
 
+shell.prefix(SHELL_PREFIX)
+
+
 wildcard_constraints:
     exp="|".join(EXPS),
     dataset="fashion-mnist|cifar100|cub200",

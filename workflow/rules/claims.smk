@@ -23,7 +23,7 @@ rule teacher_ncm:
     resources:
         gpu=1,
     shell:
-        "{REFILLED} pin --gpus {GPUS} --per-gpu {SLOTS} --threads {threads} -- "
+        "refilled pin $REFILLED_PIN --threads {threads} -- "
         "ncm --split {input.split} --task student --model {input.teacher} --data-root {params.data_root} --no-checksum "
         "{params.per_class} --seed {wildcards.seed} --device {params.device} --out {output} > {log} 2>&1"
 
@@ -43,7 +43,7 @@ rule gain_vs_data:
     params:
         reference=lambda wc: P["gain_vs_data"]["methods"][0],
     shell:
-        "{REFILLED} gain-vs-data --summaries {input.runs} --teacher-ncm {input.ncm} "
+        "refilled gain-vs-data --summaries {input.runs} --teacher-ncm {input.ncm} "
         "--reference {params.reference} --out {output.csv} --figure figures/gain_vs_data > {log} 2>&1"
 
 
@@ -63,7 +63,7 @@ rule claims_verdicts:
         auc_ratio=lambda wc: fmt(P["claims"]["auc_ratio"]),
         note=f"Profile {PROFILE}, seeds {', '.join(map(str, SEEDS))}.",
     shell:
-        "{REFILLED} claims {params.tables} --table4 {input.table4} --lambda-auc {input.auc} "
+        "refilled claims {params.tables} --table4 {input.table4} --lambda-auc {input.auc} "
         "--auc-ratio {params.auc_ratio} --lambda-sweep {input.sweep} --note '{params.note}' "
         "--out {output.csv} --markdown {output.md} > {log} 2>&1"
 

@@ -4,6 +4,7 @@
 import functools
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -36,12 +37,13 @@ EXPS = P["experiments"]
 SEEDS = P["seeds"]
 LAM = P["lam"]
 
-# `refilled` beside the Python running Snakemake (.venv/bin/snakemake works without activating the venv).
-# The rules spell it, and GPUS / SLOTS below, in their shell commands, never in params: Snakemake records
-# params and reruns a job whose params differ, and an absolute path (a moved checkout, another venv) or
-# the GPU slots (scheduling) change no result.
-_beside = Path(sys.executable).parent / "refilled"
-REFILLED = str(_beside) if _beside.is_file() else "refilled"
+# The rules call `refilled` by name, from the environment of the Python running Snakemake
+# (.venv/bin/snakemake works without activating the venv). Neither that path nor the repository's
+# location nor the GPU slots (`refilled pin`'s flags, scheduling only) may be params of a rule. Snakemake
+# records params and reruns a job whose params differ, and a moved checkout, another venv or another
+# gpu_slots_per_gpu changes no result. They reach every job's shell through SHELL_PREFIX (the
+# Snakefile's shell.prefix), which Snakemake neither records nor compares.
+_SHELL_ENV = f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\" REFILLED_REPO={shlex.quote(str(BASE))}"
 
 # ---- where things go (seeds explicit in every path that depends on them) ----
 DATA = f"data/prepared/{PROFILE}"           # data rule's outputs: <dataset>.json (+ the subsample, if any)
@@ -59,6 +61,7 @@ RUN_FILES = ("summary.json", "model.pt", "metrics.csv")                    # wha
 GPUS = P["gpus"]                       # passed to `refilled pin` (auto: counted on the node that runs the job)
 SLOTS = P["gpu_slots_per_gpu"]
 N_GPUS = count_gpus("auto") if GPUS == "auto" else int(GPUS)
+SHELL_PREFIX = f"{_SHELL_ENV} REFILLED_PIN='--gpus {GPUS} --per-gpu {SLOTS}'; "
 if N_GPUS > 0 and "gpu" not in workflow.global_resources and not workflow.non_local_exec:
     # (on a cluster the GPUs of the submitting node say nothing about the cluster's)
     # a local run never starts more GPU jobs than slots; `--resources gpu=N` on the command line wins

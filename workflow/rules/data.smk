@@ -28,7 +28,7 @@ rule prepare_data:
         test=lambda wc: P["test_per_class"] or "all",
         train=lambda wc: P["train_per_class"] or "all",
     shell:
-        "( [ {wildcards.dataset} != fashion-mnist ] || REFILLED={REFILLED} bash {BASE}/scripts/get_fashion_mnist.sh "
+        "( [ {wildcards.dataset} != fashion-mnist ] || REFILLED=refilled bash \"$REFILLED_REPO/scripts/get_fashion_mnist.sh\" "
         "data/raw ) > {log} 2>&1 && "
-        "{REFILLED} prepare-data --dataset {wildcards.dataset} --root data/raw --out {params.out} "
+        "refilled prepare-data --dataset {wildcards.dataset} --root data/raw --out {params.out} "
         "--test-per-class {params.test} --train-per-class {params.train} --seed 0 >> {log} 2>&1"

@@ -19,7 +19,7 @@ rule lambda_auc:
     params:
         runs=figure3_runs(),
     shell:
-        "{REFILLED} lambda-auc --runs {params.runs} --out {output} > {log} 2>&1"
+        "refilled lambda-auc --runs {params.runs} --out {output} > {log} 2>&1"
 
 
 # Table H's training-free reference, per (experiment, ratio, student, seed): the teacher's head
@@ -47,6 +47,6 @@ rule joint_reference:
         data_root=DATA_ROOT,
         profile=PROFILE,
     shell:
-        "{REFILLED} joint-reference --split {input.split} --teacher {input.teacher} --student {input.student} "
+        "refilled joint-reference --split {input.split} --teacher {input.teacher} --student {input.student} "
         "--seed {wildcards.seed} {params.test_per_class} --data-root {params.data_root} --no-checksum "
         "--device {params.device} --profile {params.profile} --out {params.out} > {log} 2>&1"

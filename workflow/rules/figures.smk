@@ -17,7 +17,7 @@ rule figure1:
     params:
         runs=figure1_runs(),
     shell:
-        "{REFILLED} figure --figure 1 --runs {params.runs} --out figures/figure1_convergence > {log} 2>&1"
+        "refilled figure --figure 1 --runs {params.runs} --out figures/figure1_convergence > {log} 2>&1"
 
 
 rule figure2:
@@ -36,7 +36,7 @@ rule figure2:
     params:
         runs=figure2_runs(),
     shell:
-        "{REFILLED} figure --figure 2 --runs {params.runs} --out figures/figure2_lambda_sweep > {log} 2>&1"
+        "refilled figure --figure 2 --runs {params.runs} --out figures/figure2_lambda_sweep > {log} 2>&1"
 
 
 rule figure3:
@@ -55,4 +55,4 @@ rule figure3:
     params:
         runs=figure3_runs(),
     shell:
-        "{REFILLED} figure --figure 3 --runs {params.runs} --out figures/figure3_lambda_hist > {log} 2>&1"
+        "refilled figure --figure 3 --runs {params.runs} --out figures/figure3_lambda_hist > {log} 2>&1"

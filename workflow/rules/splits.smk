@@ -13,6 +13,6 @@ rule split:
     benchmark:
         "results/benchmarks/splits/{dataset}/{order}/h{h}/r{ratio}/seed{seed}.tsv"
     shell:
-        "{REFILLED} split --dataset {wildcards.dataset} --ratio {wildcards.ratio} --seed {wildcards.seed} "
+        "refilled split --dataset {wildcards.dataset} --ratio {wildcards.ratio} --seed {wildcards.seed} "
         "--class-order {wildcards.order} "
         "--classes-per-task {wildcards.h} --out {output} > {log} 2>&1"

@@ -18,7 +18,7 @@ rule table1:
         lam=LAM,
         **table_rule_params("table1"),
     shell:
-        "{REFILLED} table --table 1 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
+        "refilled table --table 1 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
         "--methods {params.methods} --lam {params.lam} --out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
 
 
@@ -39,7 +39,7 @@ rule table2:
         lam=LAM,
         **table_rule_params("table2"),
     shell:
-        "{REFILLED} table --table 2 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
+        "refilled table --table 2 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
         "--methods {params.methods} --lam {params.lam} --out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
 
 
@@ -60,7 +60,7 @@ rule table3:
     params:
         **table_rule_params("table3"),
     shell:
-        "{REFILLED} table --table 3 --summaries {input.runs} --teachers {input.teachers} --ratios {params.ratios} "
+        "refilled table --table 3 --summaries {input.runs} --teachers {input.teachers} --ratios {params.ratios} "
         "--columns {params.columns} --methods {params.methods} --out {output.csv} --long {output.long} "
         "--markdown {output.md} > {log} 2>&1"
 
@@ -82,7 +82,7 @@ rule table4:
         ratios=" ".join(fmt(r) for r in P["table4"]["ratios"]),
         columns=" ".join(k_hat_value(k) for k in P["table4"]["k_hats"]),
     shell:
-        "{REFILLED} table --table 4 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
+        "refilled table --table 4 --summaries {input} --ratios {params.ratios} --columns {params.columns} "
         "--out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"
 
 
@@ -100,7 +100,7 @@ rule reproduction:
         tables=lambda wc, input: " ".join(f"--table {n} {path} {d} {s}" for path, (n, d, s) in
                                           zip(input.tables, reproduction_tables())),
     shell:
-        "{REFILLED} reproduction {params.tables} --out {output.csv} --markdown {output.md} > {log} 2>&1"
+        "refilled reproduction {params.tables} --out {output.csv} --markdown {output.md} > {log} 2>&1"
 # Table H (supplement §2): the joint-head runs and the training-free references of the
 # table_h section, Acc_C' / Acc_C / H per cell.
 rule table_h:
@@ -121,5 +121,5 @@ rule table_h:
                       for e, ratios, archs in table_h_grid()),
         methods=" ".join(P["table_h"]["methods"]),
     shell:
-        "{REFILLED} table --table h --summaries {input} {params.grid} --methods {params.methods} "
+        "refilled table --table h --summaries {input} {params.grid} --methods {params.methods} "
         "--out {output.csv} --long {output.long} --markdown {output.md} > {log} 2>&1"

@@ -25,6 +25,6 @@ rule teacher:
     resources:
         gpu=1,
     shell:
-        "{REFILLED} pin --gpus {GPUS} --per-gpu {SLOTS} --threads {threads} -- "
+        "refilled pin $REFILLED_PIN --threads {threads} -- "
         "train --method {params.method} --task teacher --split {input.split} --arch {params.arch} --epochs {params.epochs} {params.per_class} "
         "--seed {wildcards.seed} {params.common} --out {params.out} > {log} 2>&1"

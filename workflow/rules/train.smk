@@ -26,7 +26,7 @@ rule train:
     resources:
         gpu=1,
     shell:
-        "{REFILLED} pin --gpus {GPUS} --per-gpu {SLOTS} --threads {threads} -- "
+        "refilled pin $REFILLED_PIN --threads {threads} -- "
         "train --method {wildcards.method} --split {input.split} --arch {wildcards.arch} {params.inputs} "
         "{params.sets} --epochs {params.epochs} {params.per_class} --seed {wildcards.seed} {params.common} "
         "--out {params.out} > {log} 2>&1"
