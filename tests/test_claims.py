@@ -389,6 +389,26 @@ def test_reproduction_paper_value_on_a_bound_is_inside(tmp_path, monkeypatch, bo
     assert value["paper"] == 80.66 and value["paper_in_interval"] == "yes"
 
 
+def test_reproduction_puts_the_authors_networks_beside_the_papers_values(tmp_path):
+    # the paper profile's students are the authors' networks (wrn-authors-40-2 is the paper's
+    # WRN-(40,2)): their cells are compared by value, Table 4 included, not by ordering
+    from refilled.reproduction import write_reproduction
+
+    t2 = write_long(tmp_path / "t2.csv", [{"ratio": "0.6", "method": "refilled", "arch": "wrn-authors-40-2",
+                                           "seed": s, "test_acc": 80.0 + s} for s in range(3)])
+    t4 = write_long(tmp_path / "t4.csv", [{"ratio": "0", "method": "stage1", "arch": "mobilenet-authors-1.0",
+                                           "seed": s, "k_hat": "inf", "ncm_acc": 50.0} for s in range(3)])
+    values, orders = write_reproduction([("2", t2, "cifar100", ["wrn-authors-40-2=wrn-40-2"]),
+                                         ("4", t4, "cub200", ["mobilenet-authors-1.0=mobilenet-1.0"])],
+                                        tmp_path / "r.csv", tmp_path / "r.md")
+    assert orders == []
+    by_table = {v["table"]: v for v in values}
+    # the supplement's Table 2, r = .6, WRN-(40,2), REFILLED: 80.66; ours 80, 81, 82 -> mean 81
+    assert by_table["2"]["paper"] == 80.66 and by_table["2"]["ours_mean"] == 81.0
+    assert by_table["2"]["student"] == "wrn-authors-40-2"
+    assert by_table["4"]["paper"] == 32.69        # Table 4, r = 0, MobileNet-1.0, K = inf
+
+
 def test_reproduction_tau_is_tau_b_with_ties_on_both_sides(tmp_path):
     from refilled.reproduction import write_reproduction
 

@@ -18,7 +18,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", required=True, type=Path, help="split JSON written by `refilled split`")
-    p.add_argument("--arch", required=True, help="e.g. wrn-40-2, wrn-16-1, mobilenet-0.75")
+    p.add_argument("--arch", required=True,
+                   help="ours: wrn-DEPTH-WIDTH, mobilenet-WIDTH (e.g. wrn-40-2, mobilenet-0.75); the authors' "
+                        "networks layer for layer: wrn-authors-40-2, mobilenet-authors-1.0")
     _add_data_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of weights, subsample, data order and augmentation")
     p.add_argument("--epochs", type=int, required=True)

@@ -26,7 +26,7 @@ import csv
 import sys
 from pathlib import Path
 
-from refilled.archs import KNOWN_ARCHS, parse_arch
+from refilled.archs import AUTHORS_ARCHS, KNOWN_ARCHS, parse_arch
 
 TABLE = Path(__file__).with_name("flops.csv")
 COLUMNS = ["arch", "px", "fwd_flops_base", "fwd_flops_per_class", "train_flops_base", "train_flops_per_class",
@@ -36,13 +36,12 @@ FLOAT_BYTES = 4   # the checkpoints hold float32 weights
 FIT_CLASSES = (10, 20)
 
 _SMALL = ("wrn-10-1", "wrn-10-2", "wrn-16-1", "wrn-16-2", "mobilenet-0.25", "mobilenet-0.5")
-# Every architecture of the committed profiles and of the paper at 32 px (Fashion-MNIST,
+# Every architecture of the committed profiles and of the paper (ours and the authors') at 32 px (Fashion-MNIST,
 # CIFAR-100); the MobileNets also at 224 px (CUB-200-2011); and what `refilled bench --config
 # small` runs (MobileNet-0.25 at 64 px), whose rows `refilled plan` turns into FLOPs per second.
+_ALL = tuple(dict.fromkeys(_SMALL + KNOWN_ARCHS + AUTHORS_ARCHS))   # ours, then the authors' layer-for-layer
 DEFAULT_ENTRIES: tuple[tuple[str, int], ...] = tuple(
-    [(a, 32) for a in dict.fromkeys(_SMALL + KNOWN_ARCHS)]
-    + [(a, 224) for a in dict.fromkeys(_SMALL + KNOWN_ARCHS) if a.startswith("mobilenet")]
-    + [("mobilenet-0.25", 64)])
+    [(a, 32) for a in _ALL] + [(a, 224) for a in _ALL if a.startswith("mobilenet")] + [("mobilenet-0.25", 64)])
 
 
 class FlopsTableError(ValueError):

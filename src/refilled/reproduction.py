@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 from refilled import supplement
-from refilled.archs import parse_arch
+from refilled.archs import paper_name, parse_arch
 from refilled.claims import ClaimsError, read_rows, t_interval
 from refilled.io import atomic_write_text, write_csv
 
@@ -61,7 +61,7 @@ def _cells(table: str, rows: list[dict]) -> dict[tuple, list[float]]:
 def value_rows(table: str, cells: dict) -> list[dict]:
     out = []
     for (ratio, student, method, k_hat), values in cells.items():
-        paper = supplement.value(table, ratio, student, method, k_hat)
+        paper = supplement.value(table, ratio, paper_name(student), method, k_hat)
         if paper is None:
             continue
         mean, lo, hi = t_interval(values)
@@ -119,7 +119,7 @@ def write_reproduction(tables: list[tuple[str, Path, str, list[str]]], out: Path
         if not supplement.table(table):
             raise ClaimsError(f"table {table}: the supplement has no such table")
         cells = _cells(table, read_rows(path))
-        ours = {x.partition("=")[0] for x in students}
+        ours = {paper_name(x.partition("=")[0]) for x in students}   # the authors' networks are the paper's shapes
         if dataset == PAPER_DATASET[table] and ours <= set(supplement.students(table)):
             values += value_rows(table, cells)
         elif table != "4":
