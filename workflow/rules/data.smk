@@ -1,6 +1,6 @@
-# Stage: data. For Fashion-MNIST, first make sure data/raw holds its four official files
-# (scripts/get_fashion_mnist.sh: kept when they verify, else Debian's dataset-fashion-mnist
-# where root, else torchvision's download; an error naming both ways when neither works).
+# Stage: data. For Fashion-MNIST, first obtain its four official files when data/raw has none
+# (scripts/get_fashion_mnist.sh: Debian's dataset-fashion-mnist where root, else torchvision's
+# download; an error naming both ways when neither works).
 # Then verify the raw dataset (checksums where known) and lay out the data root this
 # profile's runs read: a link to data/raw/<dataset>, or a seeded per-class subsample
 # (Fashion-MNIST, profiles smoke/demo). CIFAR-100 and CUB are never fetched here: the job
@@ -28,7 +28,7 @@ rule prepare_data:
         test=lambda wc: P["test_per_class"] or "all",
         train=lambda wc: P["train_per_class"] or "all",
     shell:
-        "( [ {wildcards.dataset} != fashion-mnist ] || REFILLED=refilled bash \"$REFILLED_REPO/scripts/get_fashion_mnist.sh\" "
-        "data/raw ) > {log} 2>&1 && "
+        "( [ {wildcards.dataset} != fashion-mnist ] || ls data/raw/fashion-mnist/*-ubyte* > /dev/null 2>&1 "
+        "|| REFILLED=refilled bash \"$REFILLED_REPO/scripts/get_fashion_mnist.sh\" data/raw ) > {log} 2>&1 && "
         "refilled prepare-data --dataset {wildcards.dataset} --root data/raw --out {params.out} "
         "--test-per-class {params.test} --train-per-class {params.train} --seed 0 >> {log} 2>&1"
