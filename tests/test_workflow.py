@@ -374,6 +374,108 @@ def test_table_command_means_stds_and_refuses_gaps_and_duplicates(tmp_path, caps
                                              "k_hat=inf": "35.00 ± n/a"}
 
 
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_metrics_command_means_every_cell_and_refuses_a_bad_value(tmp_path, capsys):
+    """`refilled metrics`: per table, experiment, ratio, student and method the mean over seeds
+    (computed here by hand) and the seed count; Table H's three accuracies; the AUC; the claims."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from refilled.cli import main
+
+    run = lambda e, r, a, s, m: f"results/runs/p/students/{e}/r{r}/{a}/seed{s}/{m}/summary.json"
+    t1 = _write_rows(tmp_path / "t1.csv", [
+        {"ratio": r, "method": m, "arch": a, "seed": s, "test_acc": acc, "val_epoch": "", "test_acc_at_val_epoch": "",
+         "summary": run("table1", r, a, s, m)}
+        for r, m, a, s, acc in [("0", "student", "w1", 0, 40.0), ("0", "student", "w1", 1, 50.0),
+                                ("0", "refilled", "w1", 0, 61.0), ("0", "refilled", "w1", 1, 64.0),
+                                ("0.5", "student", "w2", 0, 70.5), ("0.5", "student", "w2", 1, 71.5)]])
+    t4 = _write_rows(tmp_path / "t4.csv", [
+        {"ratio": "0.5", "k_hat": k, "arch": "m1", "seed": s, "ncm_acc": acc, "val_epoch": "",
+         "ncm_acc_at_val_epoch": "", "summary": run("table2", "0.5", "m1", s, f"stage1_k{k}")}
+        for k, s, acc in [("1", 0, 30.0), ("1", 1, 34.0), ("inf", 0, 20.0), ("inf", 1, 21.0)]])
+    th = _write_rows(tmp_path / "th.csv", [
+        {"experiment": "table2", "ratio": "1", "method": "student", "arch": "w1", "seed": s, "acc_old": "",
+         "acc_new": new, "H": new, "test_per_class": 4, "test_seed": s, "summary": "x"}
+        for s, new in [(0, 10.0), (1, 30.0)]])
+    auc = _write_rows(tmp_path / "auc.csv", [{"run": "x", "ratio": "0.6", "arch": "w1", "seed": s, "auc": a}
+                                             for s, a in [(0, 0.8), (1, 0.9)]])
+    claims = _write_rows(tmp_path / "claims.csv", [{"claim": "a", "comparison": "refilled - student", "scope": "",
+                                                    "n_seeds": 2, "mean": 12.5, "ci_low": "", "ci_high": "",
+                                                    "rule": "", "verdict": "inconclusive", "paper": ""}])
+    out = tmp_path / "metrics.json"
+    args = ["metrics", "--profile", "p", "--table", "1", t1, "--table", "4", t4, "--table", "h", th,
+            "--lambda-auc", auc, "--claims", claims, "--out", out]
+    assert main([str(a) for a in args]) == 0
+    m = json.loads(out.read_text())
+    assert m["profile"] == "p"
+    assert m["table1"]["table1"]["r0"]["w1"] == {"student": {"mean": 45.0, "n_seeds": 2},
+                                                 "refilled": {"mean": 62.5, "n_seeds": 2}}
+    assert m["table1"]["table1"]["r0.5"]["w2"]["student"] == {"mean": 71.0, "n_seeds": 2}
+    assert m["table4"]["table2"]["r0.5"]["m1"] == {"k_hat=1": {"mean": 32.0, "n_seeds": 2},
+                                                  "k_hat=inf": {"mean": 20.5, "n_seeds": 2}}
+    assert m["table_h"]["table2"]["r1"]["w1"]["student"] == {"acc_old": {"mean": None, "n_seeds": 2},
+                                                             "acc_new": {"mean": 20.0, "n_seeds": 2},
+                                                             "H": {"mean": 20.0, "n_seeds": 2}}
+    assert m["lambda_auc"] == {"r0.6": {"w1": {"auc": {"mean": 0.85, "n_seeds": 2}}}}
+    assert m["claims"] == {"a": {"refilled - student": {"verdict": "inconclusive", "mean": 12.5, "n_seeds": 2}}}
+    # a value that is not a number: exit 2, the file and the column named, nothing (re)written
+    out.unlink()
+    bad = _write_rows(tmp_path / "bad.csv", [{**_read(t1)[0], "test_acc": "n/a"}])
+    capsys.readouterr()
+    assert main([str(a) for a in ["metrics", "--profile", "p", "--table", "1", bad, "--out", out]]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: test_acc = 'n/a' is not a number" in err and not out.exists(), err
+    assert main([str(a) for a in ["metrics", "--profile", "p", "--table", "2", t4, "--out", out]]) == 2
+    assert f"{t4}: no column 'method', 'test_acc'" in capsys.readouterr().err and not out.exists()
+
+
+def test_plot_data_averages_figure1_per_epoch_and_figure2_per_student_and_lambda(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "src"))
+    from refilled.cli import main
+
+    def metrics_csv(d: Path, rows: list[dict]) -> Path:
+        _write_rows(d / "metrics.csv", rows)
+        return d
+
+    s1 = [metrics_csv(tmp_path / f"s1_{s}", [{"epoch": e, "cm": 0.1 * e + s, "ncm_acc": 0.5 + 0.1 * s}
+                                            for e in (1, 2)]) for s in (0, 1)]
+    s2 = [metrics_csv(tmp_path / f"s2_{s}", [{"epoch": 1, "ce": 2.0 + s, "teach": 0.5, "test_acc": ""},   # not evaluated
+                                            {"epoch": 2, "ce": 1.0 + s, "teach": 0.25, "test_acc": 0.6 + 0.2 * s}])
+          for s in (0, 1)]
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    runs = [s1[0], s2[0], s1[1], s2[1]]
+    assert main([str(x) for x in ["plot-data", "--figure", "1", "--runs", *runs, "--out", a, b]]) == 0
+    rows = _read(a)
+    assert [(int(r["epoch"]), float(r["cm"]), float(r["ncm_acc"])) for r in rows] == \
+        [(1, pytest.approx(0.6), pytest.approx(55.0)), (2, pytest.approx(0.7), pytest.approx(55.0))]
+    rows = _read(b)                                            # epoch 1 has no test accuracy: left out
+    assert [(int(r["epoch"]), float(r["ce"]), float(r["teach"]), float(r["test_acc"])) for r in rows] == \
+        [(2, pytest.approx(1.5), pytest.approx(0.25), pytest.approx(70.0))]
+    sweep = []
+    for arch, lam, s, acc in [("w1", 1, 0, 0.5), ("w1", 1, 1, 0.7), ("w1", 4, 0, 0.8), ("w2", 1, 0, 0.3)]:
+        d = tmp_path / f"{arch}_{lam}_{s}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"arch": arch, "params": {"lam": lam}, "test_acc": acc}))
+        sweep.append(d)
+    out = tmp_path / "sweep.csv"
+    assert main([str(x) for x in ["plot-data", "--figure", "2", "--runs", *sweep, "--out", out]]) == 0
+    assert [(r["student"], float(r["lam"]), float(r["test_acc"]), int(r["n_seeds"])) for r in _read(out)] == \
+        [("w1", 1.0, pytest.approx(60.0), 2), ("w1", 4.0, pytest.approx(80.0), 1), ("w2", 1.0, pytest.approx(30.0), 1)]
+    # an odd number of Figure 1 runs: exit 2, nothing written
+    a.unlink()
+    capsys.readouterr()
+    assert main([str(x) for x in ["plot-data", "--figure", "1", "--runs", *runs[:3], "--out", a, b]]) == 2
+    assert "figure 1 needs pairs of run directories (stage 1, stage 2), got 3" in capsys.readouterr().err
+    assert not a.exists()
+
+
 def _stage1_summary(path: Path, ratio: float, k_hat, seed: int, ncm_acc: float, arch="mobilenet-1.0") -> Path:
     """A stage-1 run's summary as Table 4 reads it."""
     s = {"kind": "stage1", "method": "stage1", "task": "student", "arch": arch, "seed": seed,
