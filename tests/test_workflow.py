@@ -568,7 +568,7 @@ def test_gpu_slots_limit_the_gpu_jobs_snakemake_runs_at_once(tmp_path):
 
 
 def _dag_outputs(prof: str, workdir: Path) -> set[str]:
-    out = snakemake(["all", "data", "teachers", "students", "tables", "figures", "--summary",
+    out = snakemake(["all", "data", "teachers", "students", "tables", "figures", "metrics", "--summary",
                      "--config", f"profile={prof}"], workdir=workdir)
     files = set()
     for line in out.stdout.splitlines()[1:]:
@@ -579,10 +579,11 @@ def _dag_outputs(prof: str, workdir: Path) -> set[str]:
 
 
 def _dvc_outs(prof: str) -> list[str]:
+    """Every stage's outs and metrics (DVC caches both)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     outs = []
     for stage in stages.values():
-        for o in stage["outs"]:
+        for o in stage["outs"] + stage.get("metrics", []):
             path = next(iter(o)) if isinstance(o, dict) else o
             outs.append(path.replace("${profile}", prof))
     return outs
@@ -604,7 +605,7 @@ def test_dvc_outputs_are_exactly_what_the_snakemake_dag_makes(tmp_path, prof):
     for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
         target = stage["cmd"].split()[-1]
         assert stage["cmd"].startswith("snakemake ") and re.search(rf"^rule {target}:", snakefile, re.M), name
-        assert all(o.get(next(iter(o)), {}).get("persist") for o in stage["outs"]), name
+        assert all(o.get(next(iter(o)), {}).get("persist") for o in stage["outs"] + stage.get("metrics", [])), name
 
 
 # ------------------------------------------------------------------------------------------------
