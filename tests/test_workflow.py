@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
+import chromium
 from snakemake_output import job_counts
 import yaml
 
@@ -971,8 +972,9 @@ def test_smoke_touch_after_a_restore_with_new_mtimes_leaves_nothing_to_do(smoke_
 @pytest.mark.slow
 def test_smoke_a_changed_epoch_count_reruns_exactly_its_runs_and_their_tables(smoke_clone):
     """Table 3's stage-2 epochs 1 -> 2 in the profile: a dry run of `all` plans exactly the
-    Table 3 runs that train for that many epochs, the runs that start from them, Table 3 and the
-    reproduction report that reads it, and `all`; nothing else (enumerated here from the profile)."""
+    Table 3 runs that train for that many epochs, the runs that start from them, Table 3, the
+    reproduction report and metrics.json that read it, and `all`; nothing else (enumerated here
+    from the profile)."""
     repo = smoke_clone["repo"]
     path = repo / "config" / "smoke.yaml"
     original = path.read_text()
@@ -992,9 +994,131 @@ def test_smoke_a_changed_epoch_count_reruns_exactly_its_runs_and_their_tables(sm
     dirs = {str(Path(out).parent.parent) for rule, out in jobs if rule == "train"}
     assert runs == changed, jobs
     assert dirs == {f"results/runs/smoke/students/table3/r1/{a}/seed{s}" for a in t3["students"] for s in cfg["seeds"]}
-    assert sorted(rule for rule, _ in jobs if rule != "train") == ["all", "reproduction", "table3"], jobs
+    assert sorted(rule for rule, _ in jobs if rule != "train") == ["all", "metrics_json", "reproduction", "table3"], jobs
     assert _planned_jobs(repo) == []                        # the profile restored: nothing to do
 
+
+
+# ------------------------------------------------------------------------------------------------
+# What DVC users look at: dvc metrics, dvc plots, dvc exp; the report and the plots in a browser.
+# These run before the push/pull round trip below (it deletes the outputs and pulls them back).
+# ------------------------------------------------------------------------------------------------
+
+needs_chromium = pytest.mark.skipif(chromium.EXE is None, reason="Debian's chromium is not installed (as root, "
+                                                                 "`make test` installs it: make browser)")
+
+
+def _expected_metrics(repo: Path) -> dict[tuple, tuple[float, int]]:
+    """Every table cell and AUC as metrics.json should hold it, computed here from the long CSVs:
+    (table, experiment, r<ratio>, student, method[, accuracy]) -> (mean over seeds, seeds)."""
+    values: dict[tuple, list[float]] = {}
+    for table, column in (("table1", "test_acc"), ("table2", "test_acc"), ("table3", "test_acc"),
+                          ("table4", "ncm_acc"), ("table_h", "H"), ("table_h", "acc_new")):
+        for row in _read(repo / "results" / f"{table}_long.csv"):
+            parts = Path(row["summary"]).parts
+            exp = row.get("experiment") or parts[parts.index("students") + 1]
+            method = f"k_hat={row['k_hat']}" if table == "table4" else row["method"]
+            key = (table, exp, f"r{row['ratio']}", row["arch"], method) + ((column,) if table == "table_h" else ())
+            values.setdefault(key, []).append(float(row[column]))
+    for row in _read(repo / "results" / "lambda_auc.csv"):
+        values.setdefault(("lambda_auc", f"r{row['ratio']}", row["arch"], "auc"), []).append(float(row["auc"]))
+    return {k: (statistics.fmean(v), len(v)) for k, v in values.items()}
+
+
+def _check_metrics(data: dict, expected: dict) -> None:
+    for key, (mean, n) in expected.items():
+        leaf = data
+        for k in key:
+            assert k in leaf, f"{key}: no {k!r} in metrics.json"
+            leaf = leaf[k]
+        assert leaf["mean"] == pytest.approx(mean, abs=1e-4) and leaf["n_seeds"] == n, (key, leaf, mean, n)
+
+
+@pytest.mark.slow
+def test_smoke_dvc_metrics_show_every_table_cell_and_the_auc(smoke_clone):
+    repo = smoke_clone["repo"]
+    expected = _expected_metrics(repo)
+    cfg = profile("smoke")
+    assert len([k for k in expected if k[0] == "table1"]) == \
+        len(cfg["experiments"]["table1"]["ratios"]) * len(cfg["experiments"]["table1"]["students"]) * len(METHODS)
+    shown = json.loads(run([BIN / "dvc", "metrics", "show", "--json"], cwd=repo).stdout)
+    data = shown["workspace"]["data"]["results/metrics.json"]["data"]
+    assert data["profile"] == "smoke"
+    _check_metrics(data, expected)
+    text = run([BIN / "dvc", "metrics", "show"], cwd=repo).stdout            # the table people read
+    for table, exp, ratio, arch, method, *acc in expected:
+        if table != "lambda_auc":
+            assert ".".join([table, exp, ratio, arch, method, *acc, "mean"]) in text, (table, exp, ratio, arch, method)
+
+
+def _offline_plots_template(tmp: Path) -> Path:
+    """`dvc plots show --html-template`: DVC's page loads Vega from a CDN; this one inlines the
+    same libraries (Vega 5, Vega-Lite 5, vega-embed 6, as Snakemake's report ships them), so the
+    page renders without a network, and it renders charts as SVG so their text is in the DOM."""
+    import snakemake
+
+    assets = Path(snakemake.__file__).parent / "assets" / "data"
+    scripts = "".join(f"<script>{(assets / lib / f'{lib}.js').read_text()}</script>\n"
+                      for lib in ("vega", "vega-lite", "vega-embed"))
+    svg = ("<script>const dvcEmbed = vegaEmbed;\n"
+           "vegaEmbed = (el, spec, opt) => dvcEmbed(el, spec, Object.assign({renderer: 'svg'}, opt));</script>")
+    path = tmp / "offline_template.html"
+    path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>DVC plots</title>{scripts}{svg}"
+                    "</head><body>{plot_divs}</body></html>")
+    return path
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_smoke_dvc_plots_show_renders_every_curve_and_figure_in_a_browser(smoke_clone, tmp_path):
+    repo = smoke_clone["repo"]
+    out = tmp_path / "dvc_plots"
+    run([BIN / "dvc", "plots", "show", "--html-template", _offline_plots_template(tmp_path), "-o", out], cwd=repo)
+    plots = [next(iter(p)) if isinstance(p, dict) else p
+             for p in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]]
+    curves = {}
+    for p in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]:
+        if isinstance(p, dict):
+            title, spec = next(iter(p.items()))
+            (path, _), = spec["y"].items()
+            if (repo / path).is_file():          # the gain-vs-data curve only where the claims ran
+                curves[title] = len(_read(repo / path))
+    images = [p for p in plots if p.endswith(".png")]
+    assert len(curves) == 3 and len(images) == 3, (curves, images)
+    with chromium.Browser(tmp_path / "chromium") as browser:
+        ready = f"document.querySelectorAll('.vega-embed svg').length >= {len(curves)}"
+        browser.open((out / "index.html").as_uri(), ready)
+        charts = browser.evaluate("Array.from(document.querySelectorAll('.vega-embed svg')).map(s => "
+                                  "({text: s.textContent, marks: s.querySelectorAll('g.mark-symbol path, "
+                                  "g.mark-line path').length}))")
+        shown = browser.evaluate("Array.from(document.images).map(i => ({src: i.src, width: i.naturalWidth}))")
+        errors = browser.errors()
+        browser.screenshot(tmp_path / "dvc_plots.png")
+    assert errors == []
+    for title, points in curves.items():   # the chart's title and at least one mark per row of its CSV
+        chart = [c for c in charts if title in c["text"]]
+        assert len(chart) == 1 and chart[0]["marks"] >= 1, (title, charts)
+    for name in images:
+        assert [i for i in shown if i["src"].endswith(Path(name).name) and i["width"] > 0], (name, shown)
+
+
+@pytest.mark.slow
+def test_smoke_dvc_exp_run_lists_the_smoke_experiment_with_its_metrics(smoke_clone):
+    """`dvc exp run -S profile=smoke` in the clone (a git commit first: experiments hang off one);
+    Snakemake finds everything made, so nothing retrains. `dvc exp show` lists the experiment
+    with the profile as its parameter and metrics.json's cells."""
+    repo = smoke_clone["repo"]
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    run(git + ["add", "-A"], cwd=repo)
+    run(git + ["commit", "-q", "-m", "the smoke clone"], cwd=repo)
+    ran = run([BIN / "dvc", "exp", "run", "-S", "profile=smoke"], cwd=repo, timeout=1800)
+    assert "Ran experiment" in ran.stdout + ran.stderr, (ran.stdout + ran.stderr)[-3000:]
+    rows = json.loads(run([BIN / "dvc", "exp", "show", "--json"], cwd=repo).stdout)
+    exps = [e for base in rows for e in (base.get("experiments") or []) for e in e["revs"]]
+    assert len(exps) == 1, rows
+    data = exps[0]["data"]
+    assert data["params"]["params.yaml"]["data"]["profile"] == "smoke"
+    _check_metrics(data["metrics"]["results/metrics.json"]["data"], _expected_metrics(repo))
 
 
 @pytest.mark.slow

@@ -213,9 +213,9 @@ def add_results_parsers(subparsers) -> None:
     m.set_defaults(func=cmd_metrics)
     p = subparsers.add_parser(
         "plot-data", help="the CSVs behind `dvc plots`: Figure 1's convergence, Figure 2's lambda sweep",
-        description="1: per epoch, the mean over seeds of the stage-1 loss and NCM accuracy (%%) and of the stage-2 "
-                    "cross-entropy, teaching term and test accuracy (%%), from the runs' metrics.csv; 2: per student "
-                    "and lambda, the mean test accuracy (%%) over seeds, from the runs' summary.json.")
+        description="1: per epoch, the mean over seeds of the stage-1 loss and NCM accuracy (%) and of the stage-2 "
+                    "cross-entropy, teaching term and test accuracy (%), from the runs' metrics.csv; 2: per student "
+                    "and lambda, the mean test accuracy (%) over seeds, from the runs' summary.json.")
     p.add_argument("--figure", required=True, choices=("1", "2"))
     p.add_argument("--runs", required=True, nargs="+", type=Path,
                    help="1: the stage-1 run then the stage-2 run (repeat the pair per seed); 2: stage-2 run directories")

@@ -22,10 +22,11 @@ rule metrics_json:
     log:
         f"{LOGS}/metrics.log",
     params:
+        profile=PROFILE,
         tables=" ".join(f"--table {t} {path}" for t, path in METRICS_TABLES),
         claims=lambda wc, input: f"--claims {input.claims}" if input.claims else "",
     shell:
-        "{REFILLED} metrics --profile {PROFILE} {params.tables} --lambda-auc {input.auc} {params.claims} "
+        "{REFILLED} metrics --profile {params.profile} {params.tables} --lambda-auc {input.auc} {params.claims} "
         "--out {output} > {log} 2>&1"
 
 
