@@ -1174,15 +1174,19 @@ def test_smoke_dvc_plots_show_renders_every_curve_and_figure_in_a_browser(smoke_
 
 @pytest.mark.slow
 def test_smoke_dvc_exp_run_lists_the_smoke_experiment_with_its_metrics(smoke_clone):
-    """`dvc exp run -S profile=smoke` in the clone (a git commit first: experiments hang off one);
-    Snakemake finds everything made, so nothing retrains. `dvc exp show` lists the experiment
-    with the profile as its parameter and metrics.json's cells."""
+    """`dvc exp run -S profile=smoke` from a commit whose dvc.lock records the outputs (`dvc repro`
+    then commit, as a user does: exp run first checks out the baseline's outputs and deletes
+    those its dvc.lock does not record), so nothing reruns. `dvc exp show` lists the
+    experiment with the profile as its parameter and metrics.json's cells."""
     repo = smoke_clone["repo"]
+    run([BIN / "dvc", "repro"], cwd=repo, timeout=900)       # Snakemake finds everything made
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
     run(git + ["add", "-A"], cwd=repo)
-    run(git + ["commit", "-q", "-m", "the smoke clone"], cwd=repo)
-    ran = run([BIN / "dvc", "exp", "run", "-S", "profile=smoke"], cwd=repo, timeout=1800)
+    run(git + ["commit", "-q", "-m", "the smoke clone, dvc.lock"], cwd=repo)
+    before = _outputs_state(repo)
+    ran = run([BIN / "dvc", "exp", "run", "-S", "profile=smoke"], cwd=repo, timeout=900)
     assert "Ran experiment" in ran.stdout + ran.stderr, (ran.stdout + ran.stderr)[-3000:]
+    assert _outputs_state(repo) == before                  # nothing deleted, retrained or rewritten
     rows = json.loads(run([BIN / "dvc", "exp", "show", "--json"], cwd=repo).stdout)
     exps = [e for base in rows for e in (base.get("experiments") or []) for e in e["revs"]]
     assert len(exps) == 1, rows
