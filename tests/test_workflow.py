@@ -13,6 +13,10 @@
   them; `dvc repro` reaches the same outputs; a push/pull round trip through the default
   local remote loses nothing (checksums equal); after `snakemake --touch` a dry run has
   nothing to do.
+- On the same clone: `dvc metrics show` holds every table cell (recomputed here from the long
+  CSVs), `dvc exp run -S profile=smoke` / `dvc exp show` list the experiment with them, and
+  headless Chromium (tests/chromium.py) renders the report and the `dvc plots show` page with
+  every table, figure, curve and caption and no JavaScript error.
 
 The end-to-end fixture takes a few minutes on 2 CPU cores (marked slow; CI runs it).
 """
