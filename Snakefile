@@ -64,6 +64,7 @@ localrules:
     claims_verdicts,
     claims,
     metrics_json,
+    claims_metrics,
     figure1_data,
     figure2_data,
     metrics,

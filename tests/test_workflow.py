@@ -1156,9 +1156,10 @@ def test_smoke_dvc_plots_show_renders_every_curve_and_figure_in_a_browser(smoke_
         if isinstance(p, dict):
             title, spec = next(iter(p.items()))
             (path, _), = spec["y"].items()
-            if (repo / path).is_file():          # the gain-vs-data curve only where the claims ran
+            # the gain-vs-data curve only where the claims ran (the claims test before this one)
+            if path != "results/gain_vs_data.csv" or (repo / path).is_file():
                 curves.append(title)
-    assert len(curves) == 3 and len(images) == 3, (curves, images)
+    assert len(curves) >= 3 and len(images) == 3, (curves, images)
     with chromium.Browser(tmp_path / "chromium") as browser:
         ready = f"document.querySelectorAll('.vega-embed svg').length >= {len(curves)}"
         browser.open((out / "index.html").as_uri(), ready)
