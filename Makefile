@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup data demo test slurm clean-runs
+.PHONY: setup data demo test slurm browser clean-runs
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,19 @@ demo: data
 
 # tests/test_slurm.py brings up a one-node Slurm (scripts/slurm_local.sh); as root, `make test`
 # installs Debian's slurm-wlm and munge first where they are missing (elsewhere those tests skip).
-test: data slurm
+# Likewise Debian's chromium, in which tests/test_workflow.py renders the Snakemake report and
+# the `dvc plots show` page (elsewhere those tests skip).
+test: data slurm browser
 	$(BIN)/python -m pytest -q
 
 slurm:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash scripts/slurm_local.sh install \
 	  || echo "could not install slurm-wlm and munge: tests/test_slurm.py will skip its Slurm tests"; \
 	else echo "not root: the Slurm tests run only where slurm-wlm and munge are installed"; fi
+
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "could not install chromium: the browser tests of tests/test_workflow.py will skip"; \
+	else echo "not root: the browser tests run only where chromium is installed"; fi

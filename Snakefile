@@ -41,6 +41,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/claims.smk"
+include: "workflow/rules/results.smk"
 
 
 localrules:
@@ -65,6 +66,11 @@ localrules:
     gain_vs_data,
     claims_verdicts,
     claims,
+    metrics_json,
+    claims_metrics,
+    figure1_data,
+    figure2_data,
+    metrics,
 
 
 rule all:
@@ -73,6 +79,8 @@ rule all:
         TABLES,
         FIGURES,
         "results/lambda_auc.csv",
+        "results/metrics.json",
+        PLOT_DATA,
 
 
 # Coarse targets (the stages of dvc.yaml call these).
@@ -102,3 +110,10 @@ rule figures:
     input:
         FIGURES,
         "results/lambda_auc.csv",
+
+
+# what dvc metrics / dvc plots read (after tables and figures)
+rule metrics:
+    input:
+        "results/metrics.json",
+        PLOT_DATA,

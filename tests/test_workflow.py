@@ -13,6 +13,10 @@
   them; `dvc repro` reaches the same outputs; a push/pull round trip through the default
   local remote loses nothing (checksums equal); after `snakemake --touch` a dry run has
   nothing to do.
+- On the same clone: `dvc metrics show` holds every table cell (recomputed here from the long
+  CSVs), `dvc exp run -S profile=smoke` / `dvc exp show` list the experiment with them, and
+  headless Chromium (tests/chromium.py) renders the report and the `dvc plots show` page with
+  every table, figure, curve and caption and no JavaScript error.
 
 The end-to-end fixture takes a few minutes on 2 CPU cores (marked slow; CI runs it).
 """
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 import pytest
+import chromium
 from snakemake_output import job_counts
 import yaml
 
@@ -374,6 +379,108 @@ def test_table_command_means_stds_and_refuses_gaps_and_duplicates(tmp_path, caps
                                              "k_hat=inf": "35.00 ± n/a"}
 
 
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_metrics_command_means_every_cell_and_refuses_a_bad_value(tmp_path, capsys):
+    """`refilled metrics`: per table, experiment, ratio, student and method the mean over seeds
+    (computed here by hand) and the seed count; Table H's three accuracies; the AUC; the claims."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from refilled.cli import main
+
+    run = lambda e, r, a, s, m: f"results/runs/p/students/{e}/r{r}/{a}/seed{s}/{m}/summary.json"
+    t1 = _write_rows(tmp_path / "t1.csv", [
+        {"ratio": r, "method": m, "arch": a, "seed": s, "test_acc": acc, "val_epoch": "", "test_acc_at_val_epoch": "",
+         "summary": run("table1", r, a, s, m)}
+        for r, m, a, s, acc in [("0", "student", "w1", 0, 40.0), ("0", "student", "w1", 1, 50.0),
+                                ("0", "refilled", "w1", 0, 61.0), ("0", "refilled", "w1", 1, 64.0),
+                                ("0.5", "student", "w2", 0, 70.5), ("0.5", "student", "w2", 1, 71.5)]])
+    t4 = _write_rows(tmp_path / "t4.csv", [
+        {"ratio": "0.5", "k_hat": k, "arch": "m1", "seed": s, "ncm_acc": acc, "val_epoch": "",
+         "ncm_acc_at_val_epoch": "", "summary": run("table2", "0.5", "m1", s, f"stage1_k{k}")}
+        for k, s, acc in [("1", 0, 30.0), ("1", 1, 34.0), ("inf", 0, 20.0), ("inf", 1, 21.0)]])
+    th = _write_rows(tmp_path / "th.csv", [
+        {"experiment": "table2", "ratio": "1", "method": "student", "arch": "w1", "seed": s, "acc_old": "",
+         "acc_new": new, "H": new, "test_per_class": 4, "test_seed": s, "summary": "x"}
+        for s, new in [(0, 10.0), (1, 30.0)]])
+    auc = _write_rows(tmp_path / "auc.csv", [{"run": "x", "ratio": "0.6", "arch": "w1", "seed": s, "auc": a}
+                                             for s, a in [(0, 0.8), (1, 0.9)]])
+    claims = _write_rows(tmp_path / "claims.csv", [{"claim": "a", "comparison": "refilled - student", "scope": "",
+                                                    "n_seeds": 2, "mean": 12.5, "ci_low": "", "ci_high": "",
+                                                    "rule": "", "verdict": "inconclusive", "paper": ""}])
+    out = tmp_path / "metrics.json"
+    args = ["metrics", "--profile", "p", "--table", "1", t1, "--table", "4", t4, "--table", "h", th,
+            "--lambda-auc", auc, "--claims", claims, "--out", out]
+    assert main([str(a) for a in args]) == 0
+    m = json.loads(out.read_text())
+    assert m["profile"] == "p"
+    assert m["table1"]["table1"]["r0"]["w1"] == {"student": {"mean": 45.0, "n_seeds": 2},
+                                                 "refilled": {"mean": 62.5, "n_seeds": 2}}
+    assert m["table1"]["table1"]["r0.5"]["w2"]["student"] == {"mean": 71.0, "n_seeds": 2}
+    assert m["table4"]["table2"]["r0.5"]["m1"] == {"k_hat=1": {"mean": 32.0, "n_seeds": 2},
+                                                  "k_hat=inf": {"mean": 20.5, "n_seeds": 2}}
+    assert m["table_h"]["table2"]["r1"]["w1"]["student"] == {"acc_old": {"mean": None, "n_seeds": 2},
+                                                             "acc_new": {"mean": 20.0, "n_seeds": 2},
+                                                             "H": {"mean": 20.0, "n_seeds": 2}}
+    assert m["lambda_auc"] == {"r0.6": {"w1": {"auc": {"mean": 0.85, "n_seeds": 2}}}}
+    assert m["claims"] == {"a": {"refilled - student": {"verdict": "inconclusive", "mean": 12.5, "n_seeds": 2}}}
+    # a value that is not a number: exit 2, the file and the column named, nothing (re)written
+    out.unlink()
+    bad = _write_rows(tmp_path / "bad.csv", [{**_read(t1)[0], "test_acc": "n/a"}])
+    capsys.readouterr()
+    assert main([str(a) for a in ["metrics", "--profile", "p", "--table", "1", bad, "--out", out]]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: test_acc = 'n/a' is not a number" in err and not out.exists(), err
+    assert main([str(a) for a in ["metrics", "--profile", "p", "--table", "2", t4, "--out", out]]) == 2
+    assert f"{t4}: no column 'method', 'test_acc'" in capsys.readouterr().err and not out.exists()
+
+
+def test_plot_data_averages_figure1_per_epoch_and_figure2_per_student_and_lambda(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "src"))
+    from refilled.cli import main
+
+    def metrics_csv(d: Path, rows: list[dict]) -> Path:
+        _write_rows(d / "metrics.csv", rows)
+        return d
+
+    s1 = [metrics_csv(tmp_path / f"s1_{s}", [{"epoch": e, "cm": 0.1 * e + s, "ncm_acc": 0.5 + 0.1 * s}
+                                            for e in (1, 2)]) for s in (0, 1)]
+    s2 = [metrics_csv(tmp_path / f"s2_{s}", [{"epoch": 1, "ce": 2.0 + s, "teach": 0.5, "test_acc": ""},   # not evaluated
+                                            {"epoch": 2, "ce": 1.0 + s, "teach": 0.25, "test_acc": 0.6 + 0.2 * s}])
+          for s in (0, 1)]
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    runs = [s1[0], s2[0], s1[1], s2[1]]
+    assert main([str(x) for x in ["plot-data", "--figure", "1", "--runs", *runs, "--out", a, b]]) == 0
+    rows = _read(a)
+    assert [(int(r["epoch"]), float(r["cm"]), float(r["ncm_acc"])) for r in rows] == \
+        [(1, pytest.approx(0.6), pytest.approx(55.0)), (2, pytest.approx(0.7), pytest.approx(55.0))]
+    rows = _read(b)                                            # epoch 1 has no test accuracy: left out
+    assert [(int(r["epoch"]), float(r["ce"]), float(r["teach"]), float(r["test_acc"])) for r in rows] == \
+        [(2, pytest.approx(1.5), pytest.approx(0.25), pytest.approx(70.0))]
+    sweep = []
+    for arch, lam, s, acc in [("w1", 1, 0, 0.5), ("w1", 1, 1, 0.7), ("w1", 4, 0, 0.8), ("w2", 1, 0, 0.3)]:
+        d = tmp_path / f"{arch}_{lam}_{s}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"arch": arch, "params": {"lam": lam}, "test_acc": acc}))
+        sweep.append(d)
+    out = tmp_path / "sweep.csv"
+    assert main([str(x) for x in ["plot-data", "--figure", "2", "--runs", *sweep, "--out", out]]) == 0
+    assert [(r["student"], float(r["lam"]), float(r["test_acc"]), int(r["n_seeds"])) for r in _read(out)] == \
+        [("w1", 1.0, pytest.approx(60.0), 2), ("w1", 4.0, pytest.approx(80.0), 1), ("w2", 1.0, pytest.approx(30.0), 1)]
+    # an odd number of Figure 1 runs: exit 2, nothing written
+    a.unlink()
+    capsys.readouterr()
+    assert main([str(x) for x in ["plot-data", "--figure", "1", "--runs", *runs[:3], "--out", a, b]]) == 2
+    assert "figure 1 needs pairs of run directories (stage 1, stage 2), got 3" in capsys.readouterr().err
+    assert not a.exists()
+
+
 def _stage1_summary(path: Path, ratio: float, k_hat, seed: int, ncm_acc: float, arch="mobilenet-1.0") -> Path:
     """A stage-1 run's summary as Table 4 reads it."""
     s = {"kind": "stage1", "method": "stage1", "task": "student", "arch": arch, "seed": seed,
@@ -466,7 +573,7 @@ def test_gpu_slots_limit_the_gpu_jobs_snakemake_runs_at_once(tmp_path):
 
 
 def _dag_outputs(prof: str, workdir: Path) -> set[str]:
-    out = snakemake(["all", "data", "teachers", "students", "tables", "figures", "--summary",
+    out = snakemake(["all", "data", "teachers", "students", "tables", "figures", "metrics", "--summary",
                      "--config", f"profile={prof}"], workdir=workdir)
     files = set()
     for line in out.stdout.splitlines()[1:]:
@@ -477,10 +584,11 @@ def _dag_outputs(prof: str, workdir: Path) -> set[str]:
 
 
 def _dvc_outs(prof: str) -> list[str]:
+    """Every stage's outs and metrics (DVC caches both)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     outs = []
     for stage in stages.values():
-        for o in stage["outs"]:
+        for o in stage["outs"] + stage.get("metrics", []):
             path = next(iter(o)) if isinstance(o, dict) else o
             outs.append(path.replace("${profile}", prof))
     return outs
@@ -502,7 +610,7 @@ def test_dvc_outputs_are_exactly_what_the_snakemake_dag_makes(tmp_path, prof):
     for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
         target = stage["cmd"].split()[-1]
         assert stage["cmd"].startswith("snakemake ") and re.search(rf"^rule {target}:", snakefile, re.M), name
-        assert all(o.get(next(iter(o)), {}).get("persist") for o in stage["outs"]), name
+        assert all(o.get(next(iter(o)), {}).get("persist") for o in stage["outs"] + stage.get("metrics", [])), name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -801,6 +909,76 @@ def test_smoke_report_is_one_page_with_every_table_and_figure(smoke_clone):
     assert "Histograms of the adaptive weight" in html and "Quality of the student" in html   # captions
 
 
+needs_chromium = pytest.mark.skipif(chromium.EXE is None, reason="Debian's chromium is not installed (as root, "
+                                                                 "`make test` installs it: make browser)")
+
+
+# Each result of the report: (its menu category, its subcategory where the category has several,
+# its caption file under workflow/report/), as the rules declare them with report().
+REPORT_RESULTS = {
+    **{f"results/{t}.csv": ("Tables", None, f"{t}.rst")
+       for t in ("table1", "table2", "table3", "table4", "table_h", "reproduction")},
+    "figures/figure1_convergence.png": ("Figures", "Figure 1", "figure1.rst"),
+    "figures/figure2_lambda_sweep.png": ("Figures", "Figure 2", "figure2.rst"),
+    "figures/figure3_lambda_hist.png": ("Figures", "Figure 3", "figure3.rst"),
+    "results/lambda_auc.csv": ("Figures", "Figure 3", "lambda_auc.rst"),
+}
+
+def _click_link(browser, text: str) -> None:
+    """Click the one link whose text is `text` (a menu item of the report)."""
+    links = f"Array.from(document.querySelectorAll('a')).filter(a => a.textContent.trim() === {json.dumps(text)})"
+    assert browser.evaluate(f"{links}.length") == 1, text
+    browser.evaluate(f"{links}[0].click()")
+    time.sleep(0.3)
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_smoke_report_renders_in_a_browser_with_every_table_and_figure_and_caption(smoke_clone, tmp_path):
+    """The report is a JavaScript app: in headless Chromium, a reader's clicks (category, then
+    subcategory) list each result; its view button shows the figure (a decoded image) or
+    downloads the table (a data URI holding the CSV's bytes), its info button shows its caption.
+    No JavaScript error on the way."""
+    import base64
+    import urllib.parse
+
+    repo = smoke_clone["repo"]
+    if not (repo / "report.html").is_file():
+        snakemake(["all", "--report", "report.html"], snakefile=repo / "Snakefile", workdir=repo, timeout=600)
+    url = (repo / "report.html").as_uri()
+    with chromium.Browser(tmp_path / "chromium") as browser:
+        for path, (category, subcategory, caption_file) in REPORT_RESULTS.items():
+            browser.open(url, "document.readyState === 'complete' && document.body.innerText.includes('RESULTS')")
+            _click_link(browser, category)
+            if subcategory:
+                _click_link(browser, subcategory)
+            row = f"Array.from(document.querySelectorAll('tr')).find(r => r.cells[0] && " \
+                  f"r.cells[0].textContent.trim() === {json.dumps(path)})"
+            assert browser.evaluate(f"!!{row}"), f"{path}: not listed under {category} / {subcategory}"
+            view, info = f"{row}.querySelectorAll('a')[0]", f"{row}.querySelectorAll('a')[1]"
+            if path.endswith(".png"):
+                browser.evaluate(f"{view}.click()")
+                time.sleep(0.5)
+                shown = browser.evaluate("Array.from(document.images).filter(i => i.src.startsWith("
+                                         "'data:image/png')).map(i => i.naturalWidth)")
+                assert len(shown) == 1 and shown[0] > 100, (path, shown)
+            else:
+                href = browser.evaluate(f"{view}.href")
+                head, data = href.split(",", 1)
+                body = base64.b64decode(data) if head.endswith(";base64") else urllib.parse.unquote_to_bytes(data)
+                assert head.startswith("data:text/csv") and body == (repo / path).read_bytes(), (path, head)
+            browser.evaluate(f"{info}.click()")
+            time.sleep(0.5)
+            first = (ROOT / "workflow" / "report" / caption_file).read_text().splitlines()[0]
+            caption = " ".join(first.replace("**", "").split("``")[0].split())
+            text = " ".join(browser.evaluate("document.body.innerText").split())
+            assert "DESCRIPTION" in text.upper() and caption in text, (path, caption, text[:2000])
+            if path == "figures/figure3_lambda_hist.png":
+                browser.screenshot(tmp_path / "report.png")
+        errors = browser.errors()
+    assert errors == []
+
+
 # ------------------------------------------------------------------------------------------------
 # A finished workflow stays finished: no rerun trigger fires without a real change
 # ------------------------------------------------------------------------------------------------
@@ -868,8 +1046,9 @@ def test_smoke_touch_after_a_restore_with_new_mtimes_leaves_nothing_to_do(smoke_
 @pytest.mark.slow
 def test_smoke_a_changed_epoch_count_reruns_exactly_its_runs_and_their_tables(smoke_clone):
     """Table 3's stage-2 epochs 1 -> 2 in the profile: a dry run of `all` plans exactly the
-    Table 3 runs that train for that many epochs, the runs that start from them, Table 3 and the
-    reproduction report that reads it, and `all`; nothing else (enumerated here from the profile)."""
+    Table 3 runs that train for that many epochs, the runs that start from them, Table 3, the
+    reproduction report and metrics.json that read it, and `all`; nothing else (enumerated here
+    from the profile)."""
     repo = smoke_clone["repo"]
     path = repo / "config" / "smoke.yaml"
     original = path.read_text()
@@ -889,9 +1068,136 @@ def test_smoke_a_changed_epoch_count_reruns_exactly_its_runs_and_their_tables(sm
     dirs = {str(Path(out).parent.parent) for rule, out in jobs if rule == "train"}
     assert runs == changed, jobs
     assert dirs == {f"results/runs/smoke/students/table3/r1/{a}/seed{s}" for a in t3["students"] for s in cfg["seeds"]}
-    assert sorted(rule for rule, _ in jobs if rule != "train") == ["all", "reproduction", "table3"], jobs
+    assert sorted(rule for rule, _ in jobs if rule != "train") == ["all", "metrics_json", "reproduction", "table3"], jobs
     assert _planned_jobs(repo) == []                        # the profile restored: nothing to do
 
+
+
+# ------------------------------------------------------------------------------------------------
+# What DVC users look at: dvc metrics, dvc plots, dvc exp; the report and the plots in a browser.
+# These run before the push/pull round trip below (it deletes the outputs and pulls them back).
+# ------------------------------------------------------------------------------------------------
+
+def _expected_metrics(repo: Path) -> dict[tuple, tuple[float, int]]:
+    """Every table cell and AUC as metrics.json should hold it, computed here from the long CSVs:
+    (table, experiment, r<ratio>, student, method[, accuracy]) -> (mean over seeds, seeds)."""
+    values: dict[tuple, list[float | None]] = {}
+    for table, column in (("table1", "test_acc"), ("table2", "test_acc"), ("table3", "test_acc"),
+                          ("table4", "ncm_acc"), ("table_h", "H"), ("table_h", "acc_new")):
+        for row in _read(repo / "results" / f"{table}_long.csv"):
+            parts = Path(row["summary"]).parts
+            exp = row.get("experiment") or parts[parts.index("students") + 1]
+            method = f"k_hat={row['k_hat']}" if table == "table4" else row["method"]
+            key = (table, exp, f"r{row['ratio']}", row["arch"], method) + ((column,) if table == "table_h" else ())
+            values.setdefault(key, []).append(float(row[column]))
+    for row in _read(repo / "results" / "lambda_auc.csv"):
+        # no AUC where the student has no unseen class (r = 1)
+        values.setdefault(("lambda_auc", f"r{row['ratio']}", row["arch"], "auc"), []).append(
+            float(row["auc"]) if row["auc"] else None)
+    mean = lambda v: statistics.fmean(x for x in v if x is not None) if any(x is not None for x in v) else None
+    return {k: (mean(v), len(v)) for k, v in values.items()}
+
+
+def _check_metrics(data: dict, expected: dict) -> None:
+    for key, (mean, n) in expected.items():
+        leaf = data
+        for k in key:
+            assert k in leaf, f"{key}: no {k!r} in metrics.json"
+            leaf = leaf[k]
+        # DVC drops null values: no mean where no seed has one (AUC at r = 1)
+        assert (leaf.get("mean") is None if mean is None else leaf.get("mean") == pytest.approx(mean, abs=1e-4)) \
+            and leaf["n_seeds"] == n, (key, leaf, mean, n)
+
+
+@pytest.mark.slow
+def test_smoke_dvc_metrics_show_every_table_cell_and_the_auc(smoke_clone):
+    repo = smoke_clone["repo"]
+    expected = _expected_metrics(repo)
+    cfg = profile("smoke")
+    assert len([k for k in expected if k[0] == "table1"]) == \
+        len(cfg["experiments"]["table1"]["ratios"]) * len(cfg["experiments"]["table1"]["students"]) * len(METHODS)
+    shown = json.loads(run([BIN / "dvc", "metrics", "show", "--json"], cwd=repo).stdout)
+    (workspace,) = shown.values()            # one revision: the workspace ("" before the first commit)
+    data = workspace["data"]["results/metrics.json"]["data"]
+    assert data["profile"] == "smoke"
+    _check_metrics(data, expected)
+    text = run([BIN / "dvc", "metrics", "show"], cwd=repo).stdout            # the table people read
+    for key, (mean, _) in expected.items():
+        assert mean is None or ".".join(key + ("mean",)) in text, key
+
+
+def _offline_plots_template(tmp: Path) -> Path:
+    """`dvc plots show --html-template`: DVC's page loads Vega from a CDN; this one inlines the
+    same libraries (Vega 5, Vega-Lite 5, vega-embed 6, as Snakemake's report ships them), so the
+    page renders without a network, and it renders charts as SVG so their text is in the DOM."""
+    import snakemake
+
+    assets = Path(snakemake.__file__).parent / "assets" / "data"
+    scripts = "".join(f"<script>{(assets / lib / f'{lib}.js').read_text()}</script>\n"
+                      for lib in ("vega", "vega-lite", "vega-embed"))
+    svg = ("<script>const dvcEmbed = vegaEmbed;\n"
+           "vegaEmbed = (el, spec, opt) => dvcEmbed(el, spec, Object.assign({renderer: 'svg'}, opt));</script>")
+    path = tmp / "offline_template.html"
+    path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>DVC plots</title>{scripts}{svg}"
+                    "</head><body>{plot_divs}</body></html>")
+    return path
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_smoke_dvc_plots_show_renders_every_curve_and_figure_in_a_browser(smoke_clone, tmp_path):
+    repo = smoke_clone["repo"]
+    out = tmp_path / "dvc_plots"
+    run([BIN / "dvc", "plots", "show", "--html-template", _offline_plots_template(tmp_path), "-o", out], cwd=repo)
+    declared = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+    images = [p for p in declared if isinstance(p, str) and p.endswith(".png")]
+    curves = []
+    for p in declared:
+        if isinstance(p, dict):
+            title, spec = next(iter(p.items()))
+            (path, _), = spec["y"].items()
+            # the gain-vs-data curve only where the claims ran (the claims test before this one)
+            if path != "results/gain_vs_data.csv" or (repo / path).is_file():
+                curves.append(title)
+    assert len(curves) >= 3 and len(images) == 3, (curves, images)
+    with chromium.Browser(tmp_path / "chromium") as browser:
+        ready = f"document.querySelectorAll('.vega-embed svg').length >= {len(curves)}"
+        browser.open((out / "index.html").as_uri(), ready)
+        charts = browser.evaluate("Array.from(document.querySelectorAll('.vega-embed svg')).map(s => "
+                                  "({text: s.textContent, marks: s.querySelectorAll('g.mark-symbol path, "
+                                  "g.mark-line path').length}))")
+        shown = browser.evaluate("Array.from(document.images).map(i => ({src: i.src, width: i.naturalWidth}))")
+        errors = browser.errors()
+        browser.screenshot(tmp_path / "dvc_plots.png")
+    assert errors == []
+    for title in curves:                   # each chart once, with its title and its points or lines drawn
+        chart = [c for c in charts if title in c["text"]]
+        assert len(chart) == 1 and chart[0]["marks"] >= 1, (title, charts)
+    for name in images:
+        assert [i for i in shown if i["src"].endswith(Path(name).name) and i["width"] > 0], (name, shown)
+
+
+@pytest.mark.slow
+def test_smoke_dvc_exp_run_lists_the_smoke_experiment_with_its_metrics(smoke_clone):
+    """`dvc exp run -S profile=smoke` from a commit whose dvc.lock records the outputs (`dvc repro`
+    then commit, as a user does: exp run first checks out the baseline's outputs and deletes
+    those its dvc.lock does not record), so nothing reruns. `dvc exp show` lists the
+    experiment with the profile as its parameter and metrics.json's cells."""
+    repo = smoke_clone["repo"]
+    run([BIN / "dvc", "repro"], cwd=repo, timeout=900)       # Snakemake finds everything made
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    run(git + ["add", "-A"], cwd=repo)
+    run(git + ["commit", "-q", "-m", "the smoke clone, dvc.lock"], cwd=repo)
+    before = _outputs_state(repo)
+    ran = run([BIN / "dvc", "exp", "run", "-S", "profile=smoke"], cwd=repo, timeout=900)
+    assert "Ran experiment" in ran.stdout + ran.stderr, (ran.stdout + ran.stderr)[-3000:]
+    assert _outputs_state(repo) == before                  # nothing deleted, retrained or rewritten
+    rows = json.loads(run([BIN / "dvc", "exp", "show", "--json"], cwd=repo).stdout)
+    exps = [e for base in rows for e in (base.get("experiments") or []) for e in e["revs"]]
+    assert len(exps) == 1, rows
+    data = exps[0]["data"]
+    assert data["params"]["params.yaml"]["data"]["profile"] == "smoke"
+    _check_metrics(data["metrics"]["results/metrics.json"]["data"], _expected_metrics(repo))
 
 
 @pytest.mark.slow

@@ -288,12 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     gain.set_defaults(func=cmd_gain)
     from refilled.doctor import add_doctor_parser
     from refilled.plan import add_plan_parser
+    from refilled.results import add_results_parsers
 
     # refilled.bench imports torch: its own parser (`refilled bench --help`) is built only when it runs
     sub.add_parser("bench", add_help=False, help="images/s of our training step against a reference-style pipeline "
                                                  "(refilled bench --help)")   # main() hands it to refilled.bench
     add_doctor_parser(sub)
     add_plan_parser(sub)
+    add_results_parsers(sub)
     return parser
 
 

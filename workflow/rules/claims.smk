@@ -72,4 +72,5 @@ rule claims:
     input:
         "results/claims.csv",
         "results/claims.md",
+        "results/claims_metrics.json",   # dvc metrics show (workflow/rules/results.smk)
         GAIN_OUTPUTS if P.get("gain_vs_data") else [],
