@@ -217,6 +217,8 @@ def target_runs(cfg: dict, target: str, profile: str) -> list[Run]:
                      + table_h_runs(cfg)),
         "tables": tables + table_h_runs(cfg),
         "figures": figures,
+        "metrics": tables + table_h_runs(cfg) + figures,   # results/metrics.json and the plot CSVs
+        "results/metrics.json": tables + table_h_runs(cfg) + figure3_runs(cfg),
         "claims": (claims_runs(cfg) + gain) if cfg.get("claims") else None,
         "results/reproduction": tables,
         "results/lambda_auc.csv": figure3_runs(cfg),

@@ -24,7 +24,7 @@ rule metrics_json:
         profile=PROFILE,
         tables=" ".join(f"--table {t} {path}" for t, path in METRICS_TABLES),
     shell:
-        "{REFILLED} metrics --profile {params.profile} {params.tables} --lambda-auc {input.auc} "
+        "refilled metrics --profile {params.profile} {params.tables} --lambda-auc {input.auc} "
         "--out {output} > {log} 2>&1"
 
 
@@ -41,7 +41,7 @@ rule figure1_data:
     params:
         runs=figure1_runs(),
     shell:
-        "{REFILLED} plot-data --figure 1 --runs {params.runs} --out {output.stage1} {output.stage2} > {log} 2>&1"
+        "refilled plot-data --figure 1 --runs {params.runs} --out {output.stage1} {output.stage2} > {log} 2>&1"
 
 
 rule figure2_data:
@@ -56,7 +56,7 @@ rule figure2_data:
     params:
         runs=figure2_runs(),
     shell:
-        "{REFILLED} plot-data --figure 2 --runs {params.runs} --out {output} > {log} 2>&1"
+        "refilled plot-data --figure 2 --runs {params.runs} --out {output} > {log} 2>&1"
 
 
 rule claims_metrics:
@@ -71,4 +71,4 @@ rule claims_metrics:
     params:
         profile=PROFILE,
     shell:
-        "{REFILLED} metrics --profile {params.profile} --claims {input} --out {output} > {log} 2>&1"
+        "refilled metrics --profile {params.profile} --claims {input} --out {output} > {log} 2>&1"
