@@ -200,7 +200,8 @@ def test_dry_run_everything_paper_shares_runs_across_tables_and_figures(tmp_path
     runs = expected_runs(profile("paper"), {"table1", "table2", "table3", "table4", "figures", "table_h"})
     expected = {k: len(v) for k, v in runs.items()}
     expected.update({r: 1 for r in ("table1", "table2", "table3", "table4", "table_h", "reproduction", "figure1",
-                                    "figure2", "figure3", "lambda_auc", "all")})
+                                    "figure2", "figure3", "lambda_auc", "metrics_json", "figure1_data",
+                                    "figure2_data", "all")})
     assert counts == expected
     # Table 4 adds K-hat 1 and 5 (K-hat inf is Table 1's stage 1); Figure 2 adds lambda != 2;
     # Figure 1 reuses a Table-2 run; Figure 3 adds lambda = 1 at two ratios; Table H adds a
