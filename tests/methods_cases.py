@@ -35,3 +35,13 @@ def build_case(case_id, student_arch="wrn-10-1", teacher_arch="wrn-10-2", classe
     if prepare_batches is not None:
         method.to(device).prepare(FakeRun(prepare_batches, device))
     return method
+
+
+def batches(n=3, b=8, classes=4, seed=0):
+    """n seeded batches of b 16x16 images whose mean depends on the label (something to learn)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        y = torch.arange(classes).repeat_interleave(b // classes)[torch.randperm(b, generator=g)]
+        out.append((torch.randn(b, 3, 16, 16, generator=g) + y.view(-1, 1, 1, 1) * 0.3, y))
+    return out

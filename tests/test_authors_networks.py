@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_runner import cli
-from methods_cases import CASE_IDS, build_case
+from methods_cases import CASE_IDS, batches, build_case
 from torch import nn
 
 from refilled.archs import ARCH_PATTERN, AUTHORS, AUTHORS_ARCHS, OURS, arch_code, arch_ok, paper_name, parse_arch
@@ -391,24 +391,15 @@ def test_bad_authors_names(name):
     assert "wrn-authors-<depth>-<width>" in str(info.value)
 
 
-def _batches(n=2, b=8, classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        y = torch.arange(classes).repeat_interleave(b // classes)[torch.randperm(b, generator=g)]
-        out.append((torch.randn(b, 3, 16, 16, generator=g) + y.view(-1, 1, 1, 1) * 0.3, y))
-    return out
-
-
 @pytest.mark.parametrize("student,teacher", [("wrn-authors-10-1", "wrn-authors-10-2"),
                                              ("mobilenet-authors-0.25", "mobilenet-authors-0.5")])
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_every_method_steps_on_the_authors_networks(case, student, teacher):
     """What the methods read (embedding, features, pre-ReLU BNs, head) is there: one loss and
     backward of every catalog method, finite, with gradients on the student."""
-    method = build_case(case, student_arch=student, teacher_arch=teacher, prepare_batches=_batches(1, seed=9))
+    method = build_case(case, student_arch=student, teacher_arch=teacher, prepare_batches=batches(1, seed=9))
     method.train()
-    x, y = _batches(1)[0]
+    x, y = batches(1)[0]
     logits, terms = method.loss(x, y)
     total = sum(terms.values())
     total.backward()

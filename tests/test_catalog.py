@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runner import cli
-from methods_cases import CASE_IDS, build_case
+from methods_cases import CASE_IDS, batches, build_case
 from resume_check import kill_then_resume
 
 from refilled.methods import CATALOG, Entry, ParamError, get, registered
@@ -24,15 +24,6 @@ from refilled.train import OptimConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-
-
-def batches(n=3, b=8, classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        y = torch.arange(classes).repeat_interleave(b // classes)[torch.randperm(b, generator=g)]
-        out.append((torch.randn(b, 3, 16, 16, generator=g) + y.view(-1, 1, 1, 1) * 0.3, y))
-    return out
 
 
 class ListBatches:
