@@ -1163,7 +1163,10 @@ def test_smoke_dvc_plots_show_renders_every_curve_and_figure_in_a_browser(smoke_
                 curves.append(title)
     assert len(curves) >= 3 and len(images) == 3, (curves, images)
     with chromium.Browser(tmp_path / "chromium") as browser:
-        ready = f"document.querySelectorAll('.vega-embed svg').length >= {len(curves)}"
+        # vega-embed renders each chart asynchronously: wait until every chart has drawn its marks
+        ready = ("Array.from(document.querySelectorAll('.vega-embed svg')).filter(s => "
+                 "s.querySelectorAll('g.mark-symbol path, g.mark-line path').length > 0).length "
+                 f">= {len(curves)}")
         browser.open((out / "index.html").as_uri(), ready)
         charts = browser.evaluate("Array.from(document.querySelectorAll('.vega-embed svg')).map(s => "
                                   "({text: s.textContent, marks: s.querySelectorAll('g.mark-symbol path, "
