@@ -9,7 +9,7 @@ R=${REFILLED:-$(realpath -m "$(dirname "$0")/../.venv/bin/refilled")}
 [ -x "$R" ] || R=refilled
 cd "$(dirname "$0")/.."
 PKG_DIR=/usr/share/datasets/fashion-mnist
-# apt-get only when the files are missing: the workflow calls this before every data preparation
+# apt-get only when the files are missing (a verified copy is left alone below)
 if ! ls "$ROOT"/fashion-mnist/*-ubyte* >/dev/null 2>&1 && [ ! -d "$PKG_DIR" ] && [ "$(id -u)" = 0 ] \
     && command -v apt-get >/dev/null; then
   echo "installing Debian package dataset-fashion-mnist"
