@@ -19,7 +19,7 @@ shell.prefix(SHELL_PREFIX)
 
 onstart:
     if USE_FORKSERVER:
-        forkserver.start()
+        forkserver.start(threads=P["threads"])
 
 
 onsuccess:

@@ -677,6 +677,24 @@ def test_smoke_every_table_and_figure_exists(smoke_clone):
 
 
 @pytest.mark.slow
+def test_smoke_training_jobs_ran_in_the_fork_server_which_then_stopped(smoke_clone):
+    """A local run's training jobs go through refilled.forkserver (none refused), and the
+    server ends with Snakemake, leaving no socket."""
+    repo = smoke_clone["repo"]
+    log = (repo / ".snakemake" / "refilled-forkserver.log").read_text()
+    started = re.findall(r"^job (\d+): refilled pin ", log, re.M)
+    exits = dict(re.findall(r"^job (\d+): exit (-?\d+)$", log, re.M))
+    runs = [p for p in (repo / "results" / "runs" / "smoke").rglob("summary.json")
+            if ".finished" not in p.parts and "fingerprint" in json.loads(p.read_text())]
+    # the first jobs may start before the server listens (a few seconds); they run as before
+    assert 0.8 * len(runs) <= len(started) <= len(runs), (len(started), len(runs))
+    assert all(exits.get(pid) == "0" for pid in started), log[-3000:]
+    refused = [p for p in (repo / "results" / "logs").rglob("*.log") if "did not take this job" in p.read_text()]
+    assert not refused, refused[:3]
+    assert not (repo / ".snakemake" / "refilled-forkserver.sock").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("table,exp", [("1", "table1"), ("2", "table2")])
 def test_smoke_tables_1_2_shape_and_every_cell_traces_to_summaries(smoke_clone, table, exp):
     repo = smoke_clone["repo"]

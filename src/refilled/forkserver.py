@@ -45,8 +45,12 @@ SOCKET_ENV = "REFILLED_FORKSERVER"
 SOCKET_NAME = ".snakemake/refilled-forkserver.sock"   # relative to Snakemake's working directory
 # read when modules are imported, so a job must agree with the server on them (CUDA_VISIBLE_DEVICES
 # is read at CUDA's start, in the child, so it may differ)
-IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOTO", "TORCH", "PYTORCH", "CUDA", "CUBLAS", "CUDNN",
-                   "NCCL", "NVIDIA", "LD_", "PYTHON")
+IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOTO", "VECLIB_", "NUMEXPR_", "TORCH", "PYTORCH", "CUDA",
+                   "CUBLAS", "CUDNN", "NCCL", "NVIDIA", "LD_", "PYTHON")
+# what Snakemake sets to a job's `threads` (snakemake/shell.py); the server starts with the
+# training jobs' value, so that their environments agree with its own
+THREAD_ENV = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+              "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 CALL_TIME_ENV = ("CUDA_VISIBLE_DEVICES",)
 PRELOAD = ("torch", "torch._dynamo", "refilled.runs", "refilled.cli", "refilled.pin", "refilled.evaluate")
 _HEADER = struct.Struct("!I")
@@ -105,9 +109,9 @@ def run_via_server(argv: list[str]) -> int | None:
 _server: subprocess.Popen | None = None
 
 
-def start(socket_path: str = SOCKET_NAME, log_path: str = ".snakemake/refilled-forkserver.log") -> None:
-    """Start the server for this Snakemake process (it does not wait for it: jobs that come
-    before it listens run as fresh processes)."""
+def start(threads: int, socket_path: str = SOCKET_NAME, log_path: str = ".snakemake/refilled-forkserver.log") -> None:
+    """Start the server for this Snakemake process, for jobs of `threads` threads (it does not
+    wait for it: jobs that come before it listens run as fresh processes)."""
     global _server
     if _server is not None:
         return
@@ -115,7 +119,7 @@ def start(socket_path: str = SOCKET_NAME, log_path: str = ".snakemake/refilled-f
     with open(log_path, "ab") as log:
         _server = subprocess.Popen([sys.executable, "-m", "refilled.forkserver", "--socket", socket_path,
                                     "--parent", str(os.getpid())], stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT)
+                                   stderr=subprocess.STDOUT, env={**os.environ, **dict.fromkeys(THREAD_ENV, str(threads))})
 
 
 def stop(timeout: float = 30.0) -> None:
@@ -349,6 +353,9 @@ def _become_job(request: dict, fds: list[int]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    import tempfile
+
+    tempfile.tempdir = None   # found again from the job's TMPDIR (the server may have looked it up)
     sys.argv = ["refilled", *request["argv"]]
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=stream.isatty())
