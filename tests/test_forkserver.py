@@ -98,22 +98,27 @@ def metrics_without_seconds(run: Path) -> list[str]:
     return [",".join(v for i, v in enumerate(line.split(",")) if i != col) for line in lines]
 
 
-def test_a_job_through_the_server_is_the_job_a_fresh_process_runs(fashion, tmp_path, server):
-    warm, fresh = tmp_path / "warm", tmp_path / "fresh"
-    through = refilled(teacher_argv(fashion, warm), job_env(server.socket))
-    assert through.returncode == 0, through.stderr
-    assert "did not take" not in through.stderr
+def test_jobs_through_the_server_are_the_job_a_fresh_process_runs(fashion, tmp_path, server):
+    fresh = tmp_path / "fresh"
     alone = refilled(teacher_argv(fashion, fresh), job_env(None))
     assert alone.returncode == 0, alone.stderr
-    # it ran in a child of the server, and the job's own output reached the client's streams
-    (pid, lines), = server.jobs().items()
-    assert lines[0].startswith("refilled train-teacher") and lines[-1] == "exit 0", lines
-    assert through.stdout.strip() and through.stdout.split(":")[-1] == alone.stdout.split(":")[-1]
-    # the same training: bytes of the weights, the metrics but their timing column
-    assert (warm / "model.pt").read_bytes() == (fresh / "model.pt").read_bytes()
-    assert metrics_without_seconds(warm) == metrics_without_seconds(fresh)
-    phases = json.loads((warm / "summary.json").read_text())["phases"]
-    assert phases["startup_measured"] and phases["train"] > 0
+    for n in range(3):   # one server, one job after another
+        warm = tmp_path / f"warm{n}"
+        through = refilled(teacher_argv(fashion, warm), job_env(server.socket))
+        assert through.returncode == 0, through.stderr
+        assert "did not take" not in through.stderr
+        # the job's own output reached the client's streams
+        assert through.stdout.strip() and through.stdout.split(":")[-1] == alone.stdout.split(":")[-1]
+        # the same training: bytes of the weights, the metrics but their timing column
+        assert (warm / "model.pt").read_bytes() == (fresh / "model.pt").read_bytes()
+        assert metrics_without_seconds(warm) == metrics_without_seconds(fresh)
+        phases = json.loads((warm / "summary.json").read_text())["phases"]
+        assert phases["startup_measured"] and phases["train"] > 0
+    # each ran in its own child of the server
+    jobs = server.jobs()
+    assert len(jobs) == 3 and all(lines[0].startswith("refilled train-teacher") and lines[-1] == "exit 0"
+                                  for lines in jobs.values()), jobs
+    assert "Traceback" not in server.log.read_text()
 
 
 def test_a_job_whose_import_time_environment_differs_runs_in_the_client(fashion, tmp_path, server):

@@ -194,16 +194,21 @@ class Server:
         os.replace(bound, self.socket_path)   # appears only once it listens
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the jobs through their clients
-        selector = selectors.DefaultSelector()
+        self.selector = selector = selectors.DefaultSelector()
         selector.register(listener, selectors.EVENT_READ)
         print(f"refilled fork server {os.getpid()}: listening on {self.socket_path}", flush=True)
         try:
             while not self.stopping and (self.parent is None or os.getppid() == self.parent):
                 for key, _ in selector.select(timeout=0.2):
-                    if key.fileobj is listener:
-                        self.accept(listener, selector)
-                    else:
-                        self.from_client(key.fileobj, selector)
+                    try:
+                        if key.fileobj is listener:
+                            self.accept(listener)
+                        else:
+                            self.from_client(key.fileobj)
+                    except Exception:   # a bug here must not take the running jobs down with the server
+                        import traceback
+
+                        print("refilled fork server: internal error:", traceback.format_exc(), flush=True)
                 self.reap()
         finally:
             Path(self.socket_path).unlink(missing_ok=True)
@@ -211,7 +216,7 @@ class Server:
             self.shutdown()
         return 0
 
-    def accept(self, listener, selector) -> None:
+    def accept(self, listener) -> None:
         conn, _ = listener.accept()
         conn.settimeout(10)
         fds: list[int] = []
@@ -247,7 +252,7 @@ class Server:
         self.children[pid] = conn
         self.by_conn[conn] = pid
         print(f"job {pid}: refilled {' '.join(request['argv'])}", flush=True)
-        selector.register(conn, selectors.EVENT_READ)
+        self.selector.register(conn, selectors.EVENT_READ)
         conn.sendall(f"accepted {pid}\n".encode())
 
     def fork(self, request: dict, fds: list[int], conn) -> int:
@@ -277,7 +282,7 @@ class Server:
             finally:
                 os._exit(code if isinstance(code, int) else 1)
 
-    def from_client(self, conn, selector) -> None:
+    def from_client(self, conn) -> None:
         pid = self.by_conn[conn]
         try:
             data = conn.recv(256)
@@ -286,7 +291,6 @@ class Server:
         if not data:   # the client died (or was killed): its job dies too
             print(f"job {pid}: its client went away; killing it", flush=True)
             _kill_group(pid, signal.SIGKILL)
-            selector.unregister(conn)
             self.forget(pid)
             return
         for line in data.decode(errors="replace").splitlines():
@@ -316,6 +320,7 @@ class Server:
         conn = self.children.pop(pid, None)
         if conn is not None:
             self.by_conn.pop(conn, None)
+            self.selector.unregister(conn)
             conn.close()
 
     def shutdown(self, grace: float = 10.0) -> None:
