@@ -299,6 +299,9 @@ def test_unknown_profile_and_unknown_config_key_are_named(workflow_copy):
     out = snakemake(["all", "-n", "--config", "profile=smoke", "epochs=3"], snakefile=workflow_copy / "Snakefile",
                     workdir=workflow_copy, check=False)
     assert out.returncode != 0 and "unknown key(s) 'epochs'" in out.stdout + out.stderr
+    out = snakemake(["all", "-n", "--config", "profile=smoke", "forkserver=maybe"],
+                    snakefile=workflow_copy / "Snakefile", workdir=workflow_copy, check=False)
+    assert out.returncode != 0 and "forkserver must be on or off, got 'maybe'" in out.stdout + out.stderr
 
 
 def test_shipped_profiles_are_valid_and_differ_in_numbers_only():

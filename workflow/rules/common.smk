@@ -23,10 +23,10 @@ from refilled.reproduction import paper_counterpart  # noqa: E402
 
 
 # ---- configuration: params.yaml (profile name) -> config/<profile>.yaml, validated ----
-_unknown = sorted(set(config) - {"profile"})
+_unknown = sorted(set(config) - {"profile", "forkserver"})
 if _unknown:
-    raise WorkflowError(f"params.yaml / --config: unknown key(s) {', '.join(map(repr, _unknown))}; the only key is "
-                        "'profile' (every number lives in config/<profile>.yaml)")
+    raise WorkflowError(f"params.yaml / --config: unknown key(s) {', '.join(map(repr, _unknown))}; the keys are "
+                        "'profile' (every number lives in config/<profile>.yaml) and 'forkserver' (on or off)")
 PROFILE = str(config.get("profile", "demo"))
 try:
     P = load_profile(BASE, PROFILE)
