@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 KINDS = ("snakemake", "job", "job-term")
 TRAINING_COMMANDS = {"train", "train-teacher"}           # refilled subcommands that run train.fit
-FIGURE_DATA = (".csv", ".json", ".tsv", ".txt", ".md")   # figures/: the data, not the rendered images
+FIGURE_DATA = (".csv", ".json", ".tsv", ".txt", ".md")   # figures/: data files, not the rendered images
 EPOCH_LOG_ENV = "REFILLED_EPOCH_LOG"                     # refilled.train.EPOCH_LOG_ENV (no torch import here)
 
 
@@ -183,8 +183,8 @@ def outputs(wf: Path) -> dict[str, list[Path]]:
                             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(wf).parts))
     results = wf / "results"
     return {
-        "tables": rel(p for p in results.rglob("*") if not p.relative_to(results).parts[0] in ("runs", "logs", "benchmarks")),
-        "figure data": rel(p for p in (wf / "figures").rglob("*") if p.suffix in FIGURE_DATA),
+        "tables": rel(results.glob("*")),               # tables, their long forms, metrics.json, reports
+        "figure data": rel([*results.glob("plots/*"), *(p for p in (wf / "figures").rglob("*") if p.suffix in FIGURE_DATA)]),
         "model.pt": rel(results.glob("runs/**/model.pt")),
         "metrics.csv": rel(results.glob("runs/**/metrics.csv")),
     }

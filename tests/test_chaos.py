@@ -51,6 +51,8 @@ def _run_tree(root: Path, seconds: float, weight: float, table: str) -> Path:
     save_tensors(run / "model.pt", {"arch": "a", "state_dict": {"w": torch.full((3,), weight)}})
     write_csv(run / "metrics.csv", [{"epoch": 1, "loss": 0.5, "seconds": seconds}], ["epoch", "loss", "seconds"])
     (root / "results" / "table2.csv").write_text(table)
+    (root / "results" / "plots").mkdir()
+    (root / "results" / "plots" / "figure1_stage1.csv").write_text("epoch,acc\n1,0.5\n")
     (root / "figures").mkdir()
     (root / "figures" / "figure1.csv").write_text("x\n1\n")
     (root / "figures" / "figure1.png").write_bytes(bytes([seconds > 1]))   # rendered images are not compared
