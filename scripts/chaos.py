@@ -53,8 +53,6 @@ EPOCH_LOG_ENV = "REFILLED_EPOCH_LOG"                     # refilled.train.EPOCH_
 def copy_workflow(dst: Path) -> Path:
     """What a clone has for the workflow, with data/raw/fashion-mnist linked to this checkout's."""
     raw = ROOT / "data" / "raw" / "fashion-mnist"
-    if not raw.is_dir():
-        sys.exit(f"chaos.py: {raw} is missing: obtain Fashion-MNIST first (make data)")
     dst.mkdir(parents=True)
     for f in ("Snakefile", "params.yaml"):
         shutil.copy(ROOT / f, dst)
@@ -336,6 +334,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--grace must be >= 0, got {args.grace:g}")
     if args.reference is not None and not (args.reference / "results").is_dir():
         p.error(f"--reference {args.reference}: no results/ there (a finished run of `snakemake all` is needed)")
+    if not (ROOT / "data" / "raw" / "fashion-mnist").is_dir():
+        p.error(f"{ROOT / 'data' / 'raw' / 'fashion-mnist'} is missing: obtain Fashion-MNIST first (make data)")
     if args.workdir is not None and args.workdir.exists():
         p.error(f"--workdir {args.workdir} exists; give a new directory")
     return args
