@@ -819,6 +819,32 @@ def test_sigterm_mid_epoch_keeps_the_last_epochs_checkpoint_and_resumes_to_the_s
     assert_same_weights(resumed.state_dict(), straight.state_dict())
 
 
+def test_a_run_killed_after_its_last_epoch_puts_back_the_metrics_snakemake_deleted(fashion, tmp_path, monkeypatch):
+    """Killed after the last epoch's checkpoint and before model.pt: Snakemake deletes the failed
+    job's declared outputs, metrics.csv among them, and resume.pt stays. The job started again has
+    no epoch left to train; it must write metrics.csv back from the checkpoint (before this, the
+    run failed reading it for its validation epoch: found by scripts/chaos.py)."""
+    import refilled.runs
+    import refilled.train
+
+    out = tmp_path / "run"
+    argv = ["train", "--method", "student", *train_args(fashion, out), "--val-per-class", 1]
+    with monkeypatch.context() as m:
+        m.setattr(refilled.runs, "save_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+        with pytest.raises(KeyboardInterrupt):
+            cli(argv)
+    rows = read_rows(out / "metrics.csv")
+    assert load_tensors(out / "resume.pt")["epoch"] == 2 and not (out / "summary.json").exists()
+    (out / "metrics.csv").unlink()                      # what Snakemake does to a failed job's outputs
+
+    trained, real = [], refilled.train._train_epoch
+    monkeypatch.setattr(refilled.train, "_train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
+    rc, _, err = cli(argv)
+    assert rc == 0, err
+    assert trained == [] and read_rows(out / "metrics.csv") == rows
+    assert read_json(out / "summary.json")["val_selected"]["epoch"] in (1, 2)
+
+
 def sigterm_fashion(tmp_path: Path) -> dict:
     """Fake Fashion-MNIST with enough images that an epoch of wrn-10-1 takes a fraction of a second."""
     root = tmp_path / "data"

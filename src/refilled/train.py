@@ -136,6 +136,8 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
                      check_every=NAN_CHECK_EVERY if check_every is None else check_every)
     fingerprint = run_fingerprint(cfg, seed)
     rows, start = _resume(run_dir, method, step, fingerprint)   # before any capture
+    if rows:   # a killed job's metrics.csv may be gone (Snakemake deletes a failed job's outputs)
+        _write_metrics(run_dir, rows)
     with _sigterm_flag() as terminated:
         _epochs(method, train_batches, evaluate, cfg, run_dir, step, fingerprint, seed, rows, start, terminated)
     return {**rows[-1], "steps": step.record()}
@@ -172,7 +174,7 @@ def _epochs(method, train_batches, evaluate, cfg, run_dir, step, fingerprint, se
         rows.append({"epoch": epoch + 1, "lr": lr, **{k: round(v, 6) for k, v in terms.items()},
                      "loss": round(sum(terms.values()), 6), **train_acc,
                      **{k: round(v, 6) for k, v in scores.items()}, "seconds": round(seconds, 3)})
-        write_csv(run_dir / METRICS_FILE, rows, list(dict.fromkeys(k for row in rows for k in row)))
+        _write_metrics(run_dir, rows)
         save_tensors(run_dir / RESUME_FILE, {"fingerprint": fingerprint, "epoch": epoch + 1, "rows": rows,
                                              "method": method.state_dict(), "optimizer": step.optimizer_state_dict()})
         _log_epoch(run_dir, epoch + 1)
@@ -212,6 +214,10 @@ def _log_epoch(run_dir: Path, epoch: int) -> None:
     if path:
         with open(path, "a", encoding="utf-8") as f:   # one short append per epoch: lines never interleave
             f.write(f"{run_dir.resolve()}\t{epoch}\n")
+
+
+def _write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    write_csv(run_dir / METRICS_FILE, rows, list(dict.fromkeys(k for row in rows for k in row)))
 
 
 def _kept(run_dir: Path, finished_epochs: int) -> str:
