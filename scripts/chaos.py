@@ -368,6 +368,9 @@ def main(argv=None) -> int:
     began = time.monotonic()
     try:
         run = chaos_run(wf, finished, args.kills, random.Random(seed), tuple(args.gap), args.grace, say)
+    except RuntimeError as exc:      # the workflow failed on its own, or a kill left something behind
+        say(f"result: FAILED after {time.monotonic() - began:.0f} s: {exc}")
+        return 1
     finally:
         if wf.proc is not None and wf.proc.poll() is None:
             wf.kill_all()
