@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fakedata import FASHION_FILES, idx_bytes, make_fashion_idx, write_maybe_gz
-from refilled.checkpoints import load_model
+from refilled.training.checkpoints import load_model
 from refilled.cli import build_parser, main
 from refilled.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_dataset
 from refilled.io import load_tensors

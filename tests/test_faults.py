@@ -48,15 +48,15 @@ import torch.nn.functional as F
 import yaml
 
 from fakedata import cifar_pickle, idx_bytes, make_cifar100, make_cub, make_fashion_idx, tiny_dataset, write_maybe_gz
-from refilled.checkpoints import load_model, save_model
+from refilled.training.checkpoints import load_model, save_model
 from refilled.data.batches import Batches, task_split
 from refilled.data.datasets import Dataset
 from refilled.io import CheckpointError, load_tensors, read_json, save_tensors, write_csv, write_json
 from refilled.methods.base import Method
 from refilled.methods.student import Student
 from refilled.models import build_model
-from refilled.step import NonFiniteLoss
-from refilled.train import OptimConfig, fit
+from refilled.training.step import NonFiniteLoss
+from refilled.training.loop import OptimConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -441,7 +441,7 @@ def test_process_killed_while_writing_leaves_no_file_that_looks_complete(tmp_pat
     else:
         assert not target.exists(), "no partial file under the final name"
     # what later steps look at: the completion marker and the run's state
-    from refilled.doctor import scan_runs
+    from refilled.tools.doctor import scan_runs
 
     finished, incomplete, temps = scan_runs(tmp_path)
     assert (run in finished) == (name == "summary.json" and exists)
@@ -475,8 +475,8 @@ def test_failed_rename_leaves_the_old_file_and_no_temporary_file(tmp_path, monke
 def test_summary_json_is_written_last_and_only_for_a_complete_run(fashion, tmp_path, monkeypatch):
     """Disk full while writing summary.json, the completion marker: no summary.json, the run
     stays resumable, and the rerun finishes it without training again."""
-    import refilled.train as train_mod
-    from refilled.runs import RunSpec, train
+    import refilled.training.loop as train_mod
+    from refilled.training.run import RunSpec, train
 
     train_teacher = lambda spec: train(spec, "student", task="teacher")   # what train-teacher runs
 
@@ -491,7 +491,7 @@ def test_summary_json_is_written_last_and_only_for_a_complete_run(fashion, tmp_p
     assert not (out / "summary.json").exists() and not temp_files(out)
     assert (out / "model.pt").exists() and load_tensors(out / "resume.pt")["epoch"] == 2
     rows = read_rows(out / "metrics.csv")
-    from refilled.doctor import run_state, scan_runs
+    from refilled.tools.doctor import run_state, scan_runs
 
     finished, incomplete, _ = scan_runs(tmp_path)
     assert finished == [] and [s.path for s in incomplete] == [out] and run_state(out).last_epoch == 2
@@ -725,9 +725,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     check_every=None is fit's default, REFILLED_NAN_CHECK_EVERY (50): with 6 steps an epoch
     only the end-of-epoch check would fire, so the interval is set to 2 here; a NaN at step 3
     must then stop the run at step 4, before the end of the epoch (step 6)."""
-    import refilled.train
+    import refilled.training.loop
 
-    monkeypatch.setattr(refilled.train, "NAN_CHECK_EVERY", 2)
+    monkeypatch.setattr(refilled.training.loop, "NAN_CHECK_EVERY", 2)
     steps = len(train_batches(tiny_dataset()))
     assert steps >= 6, "the NaN step and the check after it must come before the end-of-epoch check"
     run = tmp_path / "nan"
@@ -754,8 +754,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
 
 
 def test_nan_check_interval_comes_from_the_environment(tmp_path):
-    """REFILLED_NAN_CHECK_EVERY sets refilled.train.NAN_CHECK_EVERY (read at import)."""
-    code = "from refilled.train import NAN_CHECK_EVERY; print(NAN_CHECK_EVERY)"
+    """REFILLED_NAN_CHECK_EVERY sets refilled.training.loop.NAN_CHECK_EVERY (read at import)."""
+    code = "from refilled.training.loop import NAN_CHECK_EVERY; print(NAN_CHECK_EVERY)"
     e = env()
     e["REFILLED_NAN_CHECK_EVERY"] = "7"
     proc = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=120)
@@ -791,7 +791,7 @@ def _evil(path: Path, marker: Path, kind: str) -> Path:
 
 def test_checkpoint_with_a_pickled_payload_is_refused_everywhere(tmp_path):
     """tests/test_cli.py checks teacher and ncm --model files; here: the loaders, resume.pt, doctor."""
-    from refilled.doctor import run_state
+    from refilled.tools.doctor import run_state
 
     marker = tmp_path / "pwned"
     model = _evil(tmp_path / "model.pt", marker, "model")
@@ -869,7 +869,7 @@ def test_checkpoint_with_another_class_count_is_refused_by_the_commands(fashion,
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import refilled.train as train_mod
+    import refilled.training.loop as train_mod
 
     run = tmp_path / "run"
     monkeypatch.setattr(os, "fdopen", FullDisk("resume.pt", nth=2))    # epoch 2's checkpoint
@@ -917,7 +917,7 @@ def sick_tree(tmp_path):
 
 
 def doctor(repo: Path, *extra) -> tuple[int, str]:
-    from refilled.doctor import main
+    from refilled.tools.doctor import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -1017,7 +1017,7 @@ def test_doctor_lists_what_a_killed_snakemake_left(sick_tree):
 def test_doctor_help_says_what_the_exit_status_means(capsys):
     import argparse
 
-    from refilled.doctor import add_doctor_parser
+    from refilled.tools.doctor import add_doctor_parser
 
     parser = argparse.ArgumentParser(prog="refilled")
     add_doctor_parser(parser.add_subparsers(dest="command", required=True))

@@ -12,14 +12,14 @@ from snakemake.exceptions import WorkflowError
 
 BASE = Path(workflow.basedir)
 sys.path.insert(0, f"{BASE}/src")
-from refilled import grid  # noqa: E402
-from refilled.archs import ARCH_PATTERN  # noqa: E402
-from refilled.grid import JOINT, REFERENCE_RUN, STUDENT_RUN, TEACHER_RUN  # noqa: E402
-from refilled.config import ConfigError, fmt, k_hat_value, load_profile, method_values  # noqa: E402
+from refilled.experiments import grid  # noqa: E402
+from refilled.models.archs import ARCH_PATTERN  # noqa: E402
+from refilled.experiments.grid import JOINT, REFERENCE_RUN, STUDENT_RUN, TEACHER_RUN  # noqa: E402
+from refilled.experiments.profile import ConfigError, fmt, k_hat_value, load_profile, method_values  # noqa: E402
 from refilled.methods import CATALOG  # noqa: E402
 from refilled.methods.catalog import TEACHER_METHOD  # noqa: E402
-from refilled.pin import count_gpus  # noqa: E402
-from refilled.reproduction import paper_counterpart  # noqa: E402
+from refilled.tools.pin import count_gpus  # noqa: E402
+from refilled.report.reproduction import paper_counterpart  # noqa: E402
 
 
 # ---- configuration: params.yaml (profile name) -> config/<profile>.yaml, validated ----
@@ -53,7 +53,7 @@ RUNS = f"results/runs/{PROFILE}"            # run directories: metrics.csv, mode
 LOGS = f"results/logs/{PROFILE}"
 BENCH = f"results/benchmarks/{PROFILE}"
 # run directory patterns (tag: the swept hyper-parameters; joint: "-joint" for a Table H run) from
-# refilled.grid, which also enumerates the runs each table and figure needs (below, and `refilled plan`)
+# refilled.experiments.grid, which also enumerates the runs each table and figure needs (below, and `refilled plan`)
 RUN_FILES = ("summary.json", "model.pt", "metrics.csv")                    # what every run declares
 
 
@@ -172,7 +172,7 @@ def common_args(exp, run=None, recipe=None):
             + f"--eval-every {every} --device {P['device']} --profile {PROFILE}")
 
 
-# ---- the runs behind each table and figure (refilled.grid) ----
+# ---- the runs behind each table and figure (refilled.experiments.grid) ----
 def table_methods(exp):
     return grid.table_methods(P, exp)
 

@@ -1,14 +1,14 @@
-"""Model zoo: WRN-depth-width and MobileNet-v1, ours and the authors' (refilled.archs names
+"""Model zoo: WRN-depth-width and MobileNet-v1, ours and the authors' (refilled.models.archs names
 them), all returning :class:`ModelOutput`.
 
 The names below are loaded on first use (PEP 562), so that the architecture names
-(refilled.archs: the profile checks, the Snakefile) import no torch.
+(refilled.models.archs: the profile checks, the Snakefile) import no torch.
 """
 
 import importlib
 
 _WHERE = {
-    **dict.fromkeys(("AUTHORS_ARCHS", "KNOWN_ARCHS", "parse_arch"), "refilled.archs"),
+    **dict.fromkeys(("AUTHORS_ARCHS", "KNOWN_ARCHS", "parse_arch"), "refilled.models.archs"),
     **dict.fromkeys(("AuthorsMobileNet", "AuthorsWideResNet"), "refilled.models.authors"),
     "MobileNetV1": "refilled.models.mobilenet",
     **dict.fromkeys(("ModelOutput", "WideResNet"), "refilled.models.wrn"),

@@ -1,9 +1,9 @@
-"""`build_model`: the network an architecture name (refilled.archs) stands for."""
+"""`build_model`: the network an architecture name (refilled.models.archs) stands for."""
 from __future__ import annotations
 
 from torch import nn
 
-from refilled.archs import AUTHORS, arch_code, parse_arch
+from refilled.models.archs import AUTHORS, arch_code, parse_arch
 
 from .authors import AuthorsMobileNet, AuthorsWideResNet
 from .mobilenet import MobileNetV1

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from refilled import __version__
-from refilled import finished as finished_mod
-from refilled.checkpoints import load_model, save_model
+from refilled.training import finished as finished_mod
+from refilled.training.checkpoints import load_model, save_model
 from refilled.data import load_dataset
 from refilled.data.batches import Batches, balanced_split, task_split, train_val_split
 from refilled.data.splits import SplitError, check_split
@@ -22,7 +22,7 @@ from refilled.evaluate import accuracy, forward_all, harmonic_mean, joint_accura
 from refilled.io import CheckpointError, read_json, save_tensors, write_json
 from refilled.methods import catalog
 from refilled.models import build_model
-from refilled.train import RESUME_FILE, RUN_FORMAT, OptimConfig, fit, resolve_device, run_fingerprint, set_cpu_threads
+from refilled.training.loop import RESUME_FILE, RUN_FORMAT, OptimConfig, fit, resolve_device, run_fingerprint, set_cpu_threads
 
 
 JOINT_HEAD_FILE = "old_head.pt"   # the joint head's old-class Linear (weight, bias), beside model.pt
@@ -207,7 +207,7 @@ class Context:
             "fingerprint": run_fingerprint(cfg, spec.seed),
         }
         write_json(spec.out / "summary.json", full)
-        finished_mod.archive(spec.out)   # hard links in .finished/: survives --rerun-incomplete (refilled.finished)
+        finished_mod.archive(spec.out)   # hard links in .finished/: survives --rerun-incomplete (refilled.training.finished)
         (spec.out / RESUME_FILE).unlink(missing_ok=True)
         return full
 

@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
-from refilled.config import fmt
+from refilled.experiments.profile import fmt
 from refilled.io import atomic_write_text, read_json, write_csv
 from refilled.methods import CATALOG, ParamError, get, table_methods
 

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from refilled.io import atomic_write_bytes, read_json
-from refilled.tables import read_csv
+from refilled.report.tables import read_csv
 
 
 def pyplot():

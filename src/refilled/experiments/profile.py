@@ -18,7 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from refilled.archs import arch_ok
+from refilled.models.archs import arch_ok
 
 NUM_CLASSES = {"fashion-mnist": 10, "cifar100": 100, "cub200": 200}
 # Profile keys that set a hyper-parameter of every method declaring it (the grid's values).

@@ -12,9 +12,9 @@ Reference style (what a straightforward implementation of the paper does):
   see tests/test_bench.py).
 
 Ours: the code the runs use. uint8 images on the device augmented batch-wise
-(`refilled.data.batches.Batches`; 224 px: `refilled.augment.CachedImageBatches` on a
+(`refilled.data.batches.Batches`; 224 px: `refilled.data.augment.CachedImageBatches` on a
 decoded-once cache), bf16 autocast, channels-last, fused SGD with a tensor lr, the whole
-step captured in a CUDA graph (`refilled.step.TrainStep`), the dense stage-1 loss.
+step captured in a CUDA graph (`refilled.training.step.TrainStep`), the dense stage-1 loss.
 
 Rows: teacher training (CE), stage 1 and stage 2 for WRN-(40,2) and WRN-(16,1) students
 (WRN-(40,2) teacher, 32 px) and MobileNet-1.0 at 224 px (MobileNet-1.0 teacher); on a
@@ -393,7 +393,7 @@ def _our_batches(case: Case, cfg: Config, data: _Data, device: torch.device):
         split = TaskSplit(source, torch.arange(len(labels)), labels, list(range(case.classes)))
         ds = Dataset("bench", [str(c) for c in range(case.classes)], source, source, CIFAR_MEAN, CIFAR_STD)
         return Batches(split, ds, case.batch, True, device, seed=0)
-    from refilled.augment import CachedImageBatches, decode_fixed
+    from refilled.data.augment import CachedImageBatches, decode_fixed
 
     if data._cache is None:
         data._cache = decode_fixed(data.large_files(), cfg.cache_px, num_workers=min(cfg.workers, 8))
@@ -414,8 +414,8 @@ def run_ours(case: Case, cfg: Config, data: _Data, device: torch.device, graph: 
              with_extras: bool = True) -> dict:
     """Images per second of our pipeline; with_extras adds FLOPs/image and the teacher
     forward's share of the step."""
-    from refilled.step import TrainStep
-    from refilled.train import NAN_CHECK_EVERY
+    from refilled.training.step import TrainStep
+    from refilled.training.loop import NAN_CHECK_EVERY
 
     cuda = device.type == "cuda"
     method = build_method(case, device)
@@ -459,7 +459,7 @@ def _teacher_forward_seconds(teacher, x, device: torch.device, cfg: Config) -> f
                                              cache_enabled=False):
             teacher(sx)
 
-    from refilled.step import capture_disabled
+    from refilled.training.step import capture_disabled
 
     fn = forward
     if cuda and capture_disabled() is None:   # after a failed capture, no other in this process
@@ -528,7 +528,7 @@ def failure_note(exc: BaseException) -> str:
 
 def _measure_row(row: dict, case: Case, cfg: Config, data, device: torch.device, reference: bool, eager: bool,
                  known: list[dict]) -> None:
-    from refilled.step import NonFiniteLoss
+    from refilled.training.step import NonFiniteLoss
 
     notes = []
     ref = None
@@ -590,7 +590,7 @@ def _child(spec: dict) -> int:
     cfg = small_config() if spec["config"] == "small" else full_config()
     cfg.cases = [case]
     ready, go = Path(spec["ready"]), Path(spec["go"])
-    from refilled.step import TrainStep
+    from refilled.training.step import TrainStep
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -673,7 +673,7 @@ def _concurrent_round(cfg: Config, device: torch.device, jobs: int, case: Case, 
                     "ready": str(Path(tmp) / f"ready{j}"), "go": str(go)}
             # files, not pipes: a child must never block on output nobody reads while we wait
             logs.append((open(Path(tmp) / f"out{j}", "w+"), open(Path(tmp) / f"err{j}", "w+")))
-            procs.append(subprocess.Popen([sys.executable, "-m", "refilled.bench", "--child", json.dumps(spec)],
+            procs.append(subprocess.Popen([sys.executable, "-m", "refilled.tools.bench", "--child", json.dumps(spec)],
                                           env=env, stdout=logs[-1][0], stderr=logs[-1][1], text=True))
         deadline = time.time() + 600
         while not all((Path(tmp) / f"ready{j}").exists() for j in range(jobs)):
@@ -720,7 +720,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_bench(args) -> list[dict]:
-    from refilled.train import resolve_device
+    from refilled.training.loop import resolve_device
 
     device = resolve_device(args.device)
     config = args.config if args.config != "auto" else ("full" if device.type == "cuda" else "small")
