@@ -485,7 +485,7 @@ def cmd_prepare_data(args) -> int:
 def _cmd_pin(args) -> int:
     from refilled.tools.pin import cmd_pin
 
-    return cmd_pin(args)
+    return cmd_pin(args, main)
 
 
 def cmd_table(args) -> int:
