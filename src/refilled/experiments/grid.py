@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 
 from refilled.experiments.profile import NUM_CLASSES, fmt, gain_points, k_hat_value, method_values
 from refilled.methods import CATALOG
-from refilled.methods.catalog import TEACHER_METHOD
-from refilled.report.tables import applies
+from refilled.methods.catalog import TEACHER_METHOD, applies
 
 TEACHER_RUN = "teachers/{exp}/seed{seed}"
 STUDENT_RUN = "students/{exp}/r{ratio}/{arch}/seed{seed}/{method}{tag}{joint}"
