@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from refilled.data.streams import epoch_generator
 from refilled.io import CheckpointError
 
 SCALE = (0.08, 1.0)
@@ -163,8 +164,6 @@ class CachedImageBatches:
         return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
 
     def __iter__(self):
-        from refilled.data.batches import epoch_generator
-
         g = epoch_generator(self.seed, self.epoch)
         n = len(self.labels)
         order = torch.randperm(n, generator=g) if self.train else torch.arange(n)

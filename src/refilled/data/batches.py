@@ -20,10 +20,7 @@ import torch
 
 from refilled.data.datasets import ArraySplit, Dataset, FileImageDataset, FileSplit, cub_transforms
 from refilled.data.splits import indices_digest, subsample_per_class
-
-
-def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + stream)
+from refilled.data.streams import epoch_generator
 
 
 @dataclass
