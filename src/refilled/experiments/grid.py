@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from refilled.experiments.profile import NUM_CLASSES, fmt, gain_points, k_hat_value, method_values
+from refilled.data.splits import NUM_CLASSES
+from refilled.experiments.profile import fmt, gain_points, k_hat_value, method_values
 from refilled.methods import CATALOG
 from refilled.methods.catalog import TEACHER_METHOD, applies
 
