@@ -3,6 +3,26 @@
 __version__ = "0.1.0"
 
 
+
+def lazy_names(package: str, where: dict[str, str]):
+    """`__getattr__` and `__dir__` (PEP 562) for a package whose names are loaded on first use
+    from the submodules `where` names, so that importing one torch-free submodule does not
+    import torch through its package."""
+    import importlib
+    import sys
+
+    def __getattr__(name):
+        if name in where:
+            value = getattr(importlib.import_module(where[name]), name)
+            setattr(sys.modules[package], name, value)
+            return value
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__():
+        return sorted(set(vars(sys.modules[package])) | set(where))
+
+    return __getattr__, __dir__
+
 # Modules that moved when the package was laid out in layers (docs/design.md). Importing an
 # old path gives the module itself (patching it patches the one module), with a warning that
 # names the new place.

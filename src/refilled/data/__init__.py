@@ -4,7 +4,7 @@ The names below are loaded on first use (PEP 562), so that importing a torch-fre
 such as `refilled.data.splits` (the `split` command, the Snakefile) does not import torch.
 """
 
-import importlib
+from refilled import lazy_names
 
 _WHERE = {
     **dict.fromkeys(("OFFICIAL_COUNTS", "check_dataset", "format_summary"), "refilled.data.check"),
@@ -26,14 +26,4 @@ __all__ = [
     "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 
-
-def __getattr__(name):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

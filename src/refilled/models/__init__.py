@@ -5,7 +5,7 @@ The names below are loaded on first use (PEP 562), so that the architecture name
 (refilled.models.archs: the profile checks, the Snakefile) import no torch.
 """
 
-import importlib
+from refilled import lazy_names
 
 _WHERE = {
     **dict.fromkeys(("AUTHORS_ARCHS", "KNOWN_ARCHS", "parse_arch"), "refilled.models.archs"),
@@ -18,14 +18,4 @@ _WHERE = {
 __all__ = ["AUTHORS_ARCHS", "KNOWN_ARCHS", "AuthorsMobileNet", "AuthorsWideResNet", "ModelOutput", "MobileNetV1",
            "WideResNet", "build_model", "parse_arch"]
 
-
-def __getattr__(name):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)
