@@ -9,12 +9,14 @@ from refilled import lazy_names
 _WHERE = {
     **dict.fromkeys(("OFFICIAL_COUNTS", "check_dataset", "format_summary"), "refilled.data.check"),
     "DataError": "refilled.data.errors",
-    **dict.fromkeys((
-        "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN",
-        "FASHION_MNIST_SHA256", "FASHION_MNIST_STD", "HOW_TO_OBTAIN", "IMAGENET_MEAN", "IMAGENET_STD",
-        "ArraySplit", "Dataset", "FileImageDataset", "FileSplit", "cub_transforms",
-        "dataset_dir", "decode_image", "load_dataset", "obtain_fashion_mnist",
-    ), "refilled.data.datasets"),
+    **dict.fromkeys(("DATASETS", "HOW_TO_OBTAIN", "ArraySplit", "Dataset", "FileSplit", "dataset_dir"),
+                    "refilled.data.datasets"),
+    **dict.fromkeys(("FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_SHA256", "FASHION_MNIST_STD",
+                     "obtain_fashion_mnist"), "refilled.data.fashion_mnist"),
+    **dict.fromkeys(("CIFAR100_MEAN", "CIFAR100_STD"), "refilled.data.cifar100"),
+    **dict.fromkeys(("IMAGENET_MEAN", "IMAGENET_STD", "FileImageDataset", "cub_transforms", "decode_image"),
+                    "refilled.data.cub200"),
+    "load_dataset": "refilled.data.loading",
 }
 
 __all__ = [

@@ -188,7 +188,7 @@ class _DecodeFixed(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        from refilled.data.datasets import decode_image
+        from refilled.data.cub200 import decode_image
 
         im = decode_image(self.paths[i])          # names the file if it does not decode
         w, h = im.size

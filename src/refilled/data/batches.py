@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from refilled.data.datasets import ArraySplit, Dataset, FileImageDataset, FileSplit, cub_transforms
+from refilled.data.cub200 import FileImageDataset, cub_transforms
+from refilled.data.datasets import ArraySplit, Dataset, FileSplit
 from refilled.data.splits import indices_digest, subsample_per_class
 from refilled.data.streams import epoch_generator
 

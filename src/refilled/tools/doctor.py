@@ -127,7 +127,7 @@ def check_device() -> list[Finding]:
 def _expected_files(name: str, directory: Path) -> list[tuple[str, list[Path]]]:
     """(label, candidates) per file a dataset needs; present when any candidate exists."""
     if name == "fashion-mnist":
-        from refilled.data.datasets import FASHION_MNIST_FILES
+        from refilled.data.fashion_mnist import FASHION_MNIST_FILES
 
         return [(b, [directory / b, directory / f"{b}.gz"]) for b in FASHION_MNIST_FILES]
     if name == "cifar100":
