@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from refilled.data import augment
-from refilled.tools.bench import COLUMNS, Case, add_bench_parser, cmd_bench, concurrent_rows, main, peak_for_name, small_config
+from refilled.tools.bench import COLUMNS, add_bench_parser, cmd_bench, main
+from refilled.tools.bench_cases import Case, peak_for_name, small_config
+from refilled.tools.bench_concurrent import concurrent_rows
 from refilled.methods.stage1 import reference_tuple_loss
 from refilled.losses import comparison_matching_loss
 
@@ -117,7 +119,7 @@ def test_rows_are_written_as_measured_and_append_measures_only_the_missing(tmp_p
 def test_concurrency_rows_are_written_as_measured(tmp_path, monkeypatch):
     """Round by round: a limit hit during the second round keeps the first in the CSV; vs 1
     job compares with the in-process CE row where no 1-job round ran."""
-    import refilled.tools.bench as bench
+    import refilled.tools.bench_concurrent as bench_concurrent
 
     out = tmp_path / "bench.csv"
     _fake_measurements(monkeypatch)
@@ -129,7 +131,7 @@ def test_concurrency_rows_are_written_as_measured(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return [{"images": 300 * jobs, "seconds": 1.0, "mode": "graph"}] * jobs, []
 
-    monkeypatch.setattr(bench, "_concurrent_round", fake_round)
+    monkeypatch.setattr(bench_concurrent, "_concurrent_round", fake_round)
     with pytest.raises(KeyboardInterrupt):
         main(["--device", "cpu", "--archs", "wrn-16-1", "--methods", "student", "--concurrent", "4", "2",
               "--out", str(out)])
@@ -144,7 +146,7 @@ def test_plan_counts_the_timed_seconds_of_the_selection(capsys):
     """--plan measures nothing; its timed seconds, computed here from the configuration:
     per row ours + reference + eager (CUDA) at --seconds each, the teacher forward at half,
     plus each concurrency round."""
-    from refilled.tools.bench import full_config, is_target, method_has_teacher
+    from refilled.tools.bench_cases import full_config, is_target, method_has_teacher
 
     assert main(["--device", "cuda", "--config", "full", "--seconds", "1", "--part", "targets",
                  "--concurrent", "2", "--plan"]) == 0

@@ -125,7 +125,7 @@ def _timed_minimum(bench_args: str) -> float:
     step, the reference and (CUDA graph rows, unless --eager no) our eager step for --seconds
     each, and the teacher's forward for half that; each concurrency round times its jobs for
     3 s (the full configuration's default)."""
-    from refilled.tools.bench import full_config, is_target, method_has_teacher
+    from refilled.tools.bench_cases import full_config, is_target, method_has_teacher
 
     words = bench_args.split()
     seconds = float(words[words.index("--seconds") + 1])
