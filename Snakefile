@@ -17,6 +17,19 @@ include: "workflow/rules/common.smk"
 shell.prefix(SHELL_PREFIX)
 
 
+onstart:
+    if USE_FORKSERVER:
+        forkserver.start(threads=P["threads"])
+
+
+onsuccess:
+    forkserver.stop()
+
+
+onerror:
+    forkserver.stop()
+
+
 wildcard_constraints:
     exp="|".join(EXPS),
     dataset="fashion-mnist|cifar100|cub200",

@@ -35,7 +35,7 @@ LAYERS = [
     ("refilled.experiments",),                # a profile and the grid of runs it needs
     ("refilled.report",),                     # tables, figures, claims, reproduction
     ("refilled.tools",),                      # bench, doctor, pin, plan, FLOPs
-    ("refilled.cli",),                        # `refilled <command>`: wiring only
+    ("refilled.cli", "refilled.serve"),       # `refilled <command>` (wiring only), the fork server's process
 ]
 
 

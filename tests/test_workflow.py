@@ -299,6 +299,9 @@ def test_unknown_profile_and_unknown_config_key_are_named(workflow_copy):
     out = snakemake(["all", "-n", "--config", "profile=smoke", "epochs=3"], snakefile=workflow_copy / "Snakefile",
                     workdir=workflow_copy, check=False)
     assert out.returncode != 0 and "unknown key(s) 'epochs'" in out.stdout + out.stderr
+    out = snakemake(["all", "-n", "--config", "profile=smoke", "forkserver=maybe"],
+                    snakefile=workflow_copy / "Snakefile", workdir=workflow_copy, check=False)
+    assert out.returncode != 0 and "forkserver must be on or off, got 'maybe'" in out.stdout + out.stderr
 
 
 def test_shipped_profiles_are_valid_and_differ_in_numbers_only():
@@ -674,6 +677,24 @@ def test_smoke_every_table_and_figure_exists(smoke_clone):
         head = (repo / f).read_bytes()[:8]
         assert head.startswith(b"\x89PNG") if f.endswith(".png") else head.startswith(b"%PDF")
         assert (repo / f).stat().st_size > 10_000, f   # axes, labels and legends, not an empty canvas
+
+
+@pytest.mark.slow
+def test_smoke_training_jobs_ran_in_the_fork_server_which_then_stopped(smoke_clone):
+    """A local run's training jobs go through refilled.tools.forkserver (none refused), and the
+    server ends with Snakemake, leaving no socket."""
+    repo = smoke_clone["repo"]
+    log = (repo / ".snakemake" / "refilled-forkserver.log").read_text()
+    started = re.findall(r"^job (\d+): refilled pin ", log, re.M)
+    exits = dict(re.findall(r"^job (\d+): exit (-?\d+)$", log, re.M))
+    runs = [p for p in (repo / "results" / "runs" / "smoke").rglob("summary.json")
+            if ".finished" not in p.parts and "fingerprint" in json.loads(p.read_text())]
+    # the first jobs may start before the server listens (a few seconds); they run as before
+    assert 0.8 * len(runs) <= len(started) <= len(runs), (len(started), len(runs))
+    assert all(exits.get(pid) == "0" for pid in started), log[-3000:]
+    refused = [p for p in (repo / "results" / "logs").rglob("*.log") if "did not take this job" in p.read_text()]
+    assert not refused, refused[:3]
+    assert not (repo / ".snakemake" / "refilled-forkserver.sock").exists()
 
 
 @pytest.mark.slow

@@ -48,6 +48,8 @@ _MOVED = {
     "refilled.pin": "refilled.tools.pin",
     "refilled.plan": "refilled.tools.plan",
     "refilled.flops": "refilled.tools.flops",
+    "refilled.phases": "refilled.training.phases",
+    "refilled.forkserver": "refilled.tools.forkserver",
 }
 
 

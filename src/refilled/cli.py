@@ -556,6 +556,14 @@ def cmd_gain(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `refilled` command. Called without `argv` (the command line), it runs in the fork
+    server's warm process where a local Snakemake run offers one (`refilled.tools.forkserver`)."""
+    if argv is None:
+        from refilled.tools.forkserver import run_via_server
+
+        code = run_via_server(sys.argv[1:])
+        if code is not None:
+            return code
     from refilled.data.splits import SplitError
     from refilled.io import CheckpointError
 

@@ -13,6 +13,7 @@ from snakemake.exceptions import WorkflowError
 BASE = Path(workflow.basedir)
 sys.path.insert(0, f"{BASE}/src")
 from refilled.experiments import grid  # noqa: E402
+from refilled.tools import forkserver  # noqa: E402
 from refilled.models.archs import ARCH_PATTERN  # noqa: E402
 from refilled.experiments.grid import JOINT, REFERENCE_RUN, STUDENT_RUN, TEACHER_RUN  # noqa: E402
 from refilled.experiments.profile import ConfigError, fmt, k_hat_value, load_profile, method_values  # noqa: E402
@@ -23,10 +24,10 @@ from refilled.report.reproduction import paper_counterpart  # noqa: E402
 
 
 # ---- configuration: params.yaml (profile name) -> config/<profile>.yaml, validated ----
-_unknown = sorted(set(config) - {"profile"})
+_unknown = sorted(set(config) - {"profile", "forkserver"})
 if _unknown:
-    raise WorkflowError(f"params.yaml / --config: unknown key(s) {', '.join(map(repr, _unknown))}; the only key is "
-                        "'profile' (every number lives in config/<profile>.yaml)")
+    raise WorkflowError(f"params.yaml / --config: unknown key(s) {', '.join(map(repr, _unknown))}; the keys are "
+                        "'profile' (every number lives in config/<profile>.yaml) and 'forkserver' (on or off)")
 PROFILE = str(config.get("profile", "demo"))
 try:
     P = load_profile(BASE, PROFILE)
@@ -61,7 +62,17 @@ RUN_FILES = ("summary.json", "model.pt", "metrics.csv")                    # wha
 GPUS = P["gpus"]                       # passed to `refilled pin` (auto: counted on the node that runs the job)
 SLOTS = P["gpu_slots_per_gpu"]
 N_GPUS = count_gpus("auto") if GPUS == "auto" else int(GPUS)
-SHELL_PREFIX = f"{_SHELL_ENV} REFILLED_PIN='--gpus {GPUS} --per-gpu {SLOTS}'; "
+
+# ---- a warm `refilled` for the jobs of a local run (refilled.tools.forkserver; the Snakefile's onstart) ----
+# It saves each training job the seconds of importing torch; results are those of a fresh process.
+# Off with `--config forkserver=off`; never on a cluster (the jobs run elsewhere).
+_FORKSERVER_SETTING = str(config.get("forkserver", "on")).lower()
+if _FORKSERVER_SETTING not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+    raise WorkflowError(f"configuration error: forkserver must be on or off, got {config['forkserver']!r}")
+USE_FORKSERVER = (_FORKSERVER_SETTING in ("on", "true", "1", "yes") and workflow.local_exec
+                  and not workflow.dryrun and not workflow.touch)
+_FORKSERVER_ENV = f" REFILLED_FORKSERVER={forkserver.SOCKET_NAME}" if USE_FORKSERVER else ""
+SHELL_PREFIX = f"{_SHELL_ENV}{_FORKSERVER_ENV} REFILLED_PIN='--gpus {GPUS} --per-gpu {SLOTS}'; "
 if N_GPUS > 0 and "gpu" not in workflow.global_resources and not workflow.non_local_exec:
     # (on a cluster the GPUs of the submitting node say nothing about the cluster's)
     # a local run never starts more GPU jobs than slots; `--resources gpu=N` on the command line wins

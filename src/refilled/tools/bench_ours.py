@@ -44,7 +44,7 @@ def run_ours(case: Case, cfg: Config, data: _Data, device: torch.device, graph: 
     """Images per second of our pipeline; with_extras adds FLOPs/image and the teacher
     forward's share of the step."""
     from refilled.training.step import TrainStep
-    from refilled.training.loop import NAN_CHECK_EVERY
+    from refilled.training.loop import nan_check_every
 
     cuda = device.type == "cuda"
     method = build_method(case, device)
@@ -55,7 +55,7 @@ def run_ours(case: Case, cfg: Config, data: _Data, device: torch.device, graph: 
     if with_extras:
         out["flops"] = flops_per_image(method, x0.contiguous(memory_format=torch.channels_last) if cuda else x0, y0,
                                        amp=cuda)
-    step = TrainStep(method, device, graph=graph, check_every=NAN_CHECK_EVERY)
+    step = TrainStep(method, device, graph=graph, check_every=nan_check_every())
     step.begin_epoch(0, 0.1)
     method.train()
 

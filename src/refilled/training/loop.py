@@ -6,7 +6,7 @@ and channels-last on CUDA (fp32 on the CPU). Each batch goes through one
 backward, mining, losses, fused SGD) is captured in a CUDA graph and replayed
 (``REFILLED_CUDA_GRAPH=0`` runs it eagerly); on the CPU the same step runs eagerly. Loss
 terms and accuracy are accumulated on the device and read once per epoch; a non-finite
-loss term stops the run within ``NAN_CHECK_EVERY`` steps, naming epoch, step and terms.
+loss term stops the run within ``REFILLED_NAN_CHECK_EVERY`` (50) steps, naming epoch, step and terms.
 After every epoch: one row of metrics.csv
 and a resume checkpoint, both written atomically. A run started again in the same
 directory with the same configuration continues after the last finished epoch; because
@@ -33,10 +33,11 @@ except ImportError:   # a bare PyTorch image (scripts/gpu_check.sh): no progress
 
 from refilled.io import CheckpointError, load_tensors, save_tensors, write_csv
 from refilled.methods.base import Method
+from refilled.training.phases import Phases
 from refilled.training.step import NonFiniteLoss, TrainStep
 
 __all__ = ["OptimConfig", "NonFiniteLoss", "TrainStep", "fit", "lr_at", "resolve_device", "run_fingerprint",
-           "set_cpu_threads", "RESUME_FILE", "METRICS_FILE", "NAN_CHECK_EVERY"]
+           "set_cpu_threads", "RESUME_FILE", "METRICS_FILE", "nan_check_every"]
 
 RESUME_FILE = "resume.pt"
 METRICS_FILE = "metrics.csv"
@@ -98,19 +99,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-NAN_CHECK_EVERY = int(os.environ.get("REFILLED_NAN_CHECK_EVERY", "50"))
+def nan_check_every() -> int:
+    """Steps between checks for a non-finite loss (read per run: `refilled.tools.forkserver` imports
+    this module before it knows a job's environment)."""
+    return int(os.environ.get("REFILLED_NAN_CHECK_EVERY", "50"))
 
 
 def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]], cfg: OptimConfig,
         run_dir: str | Path, device: torch.device, seed: int, graph: str | bool | None = "auto",
-        check_every: int | None = None) -> dict:
+        check_every: int | None = None, phases: Phases | None = None) -> dict:
     """Train `method` for cfg.epochs; return the last epoch's metrics row, plus "steps": how
     this call's steps ran (`TrainStep.record()`: graph, eager or graph with fallbacks).
 
     `evaluate()` runs after every epoch and returns the metrics to log (test accuracy,
     NCM accuracy, ...). `graph`: "auto" (CUDA graph on CUDA), "on", "off" or "emulate"
     (see `refilled.training.step`); it does not change the result beyond floating-point noise, so it
-    is not part of the run's fingerprint."""
+    is not part of the run's fingerprint. `phases` receives the seconds spent training,
+    evaluating and writing."""
+    phases = Phases() if phases is None else phases
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cuda = device.type == "cuda"
@@ -119,7 +125,7 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
         method.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     step = TrainStep(method, device, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, graph=graph,
-                     check_every=NAN_CHECK_EVERY if check_every is None else check_every)
+                     check_every=nan_check_every() if check_every is None else check_every)
     fingerprint = run_fingerprint(cfg, seed)
     rows, start = _resume(run_dir, method, step, fingerprint)   # before any capture
 
@@ -144,15 +150,18 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
                     + f"; {_kept(run_dir, epoch)}",
                     epoch + 1, None, terms)
         seconds = time.perf_counter() - began
+        phases.add("train", seconds)
         due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
-        scores = evaluate() if due else {}
+        with phases("evaluation"):
+            scores = evaluate() if due else {}
         train_acc = {"train_acc": round(correct / max(seen, 1), 6)} if method.trains_classifier else {}
         rows.append({"epoch": epoch + 1, "lr": lr, **{k: round(v, 6) for k, v in terms.items()},
                      "loss": round(sum(terms.values()), 6), **train_acc,
                      **{k: round(v, 6) for k, v in scores.items()}, "seconds": round(seconds, 3)})
-        write_csv(run_dir / METRICS_FILE, rows, list(dict.fromkeys(k for row in rows for k in row)))
-        save_tensors(run_dir / RESUME_FILE, {"fingerprint": fingerprint, "epoch": epoch + 1, "rows": rows,
-                                             "method": method.state_dict(), "optimizer": step.optimizer_state_dict()})
+        with phases("writing"):
+            write_csv(run_dir / METRICS_FILE, rows, list(dict.fromkeys(k for row in rows for k in row)))
+            save_tensors(run_dir / RESUME_FILE, {"fingerprint": fingerprint, "epoch": epoch + 1, "rows": rows,
+                                                 "method": method.state_dict(), "optimizer": step.optimizer_state_dict()})
     return {**rows[-1], "steps": step.record()}
 
 

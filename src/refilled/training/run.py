@@ -21,6 +21,7 @@ from refilled.data.splits import SplitError, check_split
 from refilled.evaluate import accuracy, forward_all, harmonic_mean, joint_accuracy, ncm_accuracy, reference_scores
 from refilled.io import CheckpointError, read_json, save_tensors, write_json
 from refilled.methods import catalog
+from refilled.training.phases import Phases, job_start_time
 from refilled.models import build_model
 from refilled.training.loop import RESUME_FILE, RUN_FORMAT, OptimConfig, fit, resolve_device, run_fingerprint, set_cpu_threads
 
@@ -172,9 +173,11 @@ class Context:
                                  "per_class": self.spec.val_per_class,
                                  "val": self.val.split.describe()}}
 
-    def fit(self, method, method_name: str, params: dict, evaluate, finish) -> dict:
+    def fit(self, method, method_name: str, params: dict, evaluate, finish, phases: Phases | None = None) -> dict:
         """Prepare the method, train, save the model, run `finish()` (extra outputs and
-        metrics), write summary.json; a finished run with this configuration is returned as is."""
+        metrics), write summary.json with the job's `phases`; a finished run with this
+        configuration is returned as is."""
+        phases = Phases() if phases is None else phases
         spec = self.spec
         cfg = OptimConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
                           weight_decay=spec.weight_decay, schedule=spec.schedule, gamma=spec.gamma,
@@ -188,10 +191,13 @@ class Context:
         if finished is not None:
             return finished
         began = time.time()
-        method.prepare(self)
-        last = fit(method, self.train, evaluate, cfg, spec.out, self.device, spec.seed)
-        save_model(spec.out / "model.pt", method.student, spec.arch, self.classes)
-        extra = {**finish(), **self.val_selected()}
+        with phases("teacher"):   # the method's preparation: class centres from the teacher, ...
+            method.prepare(self)
+        last = fit(method, self.train, evaluate, cfg, spec.out, self.device, spec.seed, phases=phases)
+        with phases("writing"):
+            save_model(spec.out / "model.pt", method.student, spec.arch, self.classes)
+        with phases("evaluation"):
+            extra = {**finish(), **self.val_selected()}
         full = {
             "method": method_name, "task": self.task, "arch": spec.arch, "params": params,
             **{k: v for k, v in last.items() if k.endswith("_acc")}, **extra,
@@ -204,6 +210,7 @@ class Context:
                      "test": self.test.split.describe()},
             "profile": spec.profile, "seconds": round(time.time() - began, 1), **environment(self.device),
             "steps": last["steps"],    # a record of how the steps ran (graph or eager), not configuration
+            "phases": phases.record(),   # seconds per phase of this job (refilled.training.phases), not configuration
             "fingerprint": run_fingerprint(cfg, spec.seed),
         }
         write_json(spec.out / "summary.json", full)
@@ -257,15 +264,19 @@ def train(spec: RunSpec, method_name: str, teacher_path: Path | None = None, ini
         raise ValueError(f"method {method_name} starts from a {entry.starts_from} run: give --init (its model.pt)")
     if not entry.starts_from and init_path is not None:
         raise ValueError(f"method {method_name} trains from scratch; drop --init")
-    ctx = Context(spec, task)
+    phases = Phases(job_start_time())
+    phases.end_startup()
+    with phases("data"):
+        ctx = Context(spec, task)
     if task == "student" and not entry.applies(ctx.split["teacher_classes"], ctx.classes):
         raise ValueError(f"method {method_name} needs teacher and student on the same classes; split {spec.split} "
                          f"has teacher {ctx.split['teacher_classes']} and student {ctx.classes}")
-    teacher = ctx.load_teacher(teacher_path) if needs_teacher else None
-    if init_path is not None:
-        student, _ = load_model(init_path, arch=spec.arch, num_classes=len(ctx.classes), dropout=spec.dropout)
-    else:
-        student = ctx.new_student()
+    with phases("teacher"):   # the teacher and the starting model
+        teacher = ctx.load_teacher(teacher_path) if needs_teacher else None
+        if init_path is not None:
+            student, _ = load_model(init_path, arch=spec.arch, num_classes=len(ctx.classes), dropout=spec.dropout)
+        else:
+            student = ctx.new_student()
     method = entry.build(student, teacher if entry.teacher else None, values)
     if joint is not None:
         from refilled.methods.joint import JointHead
@@ -290,7 +301,7 @@ def train(spec: RunSpec, method_name: str, teacher_path: Path | None = None, ini
                               **ctx.joint_eval(student, joint.test_per_class, old_logits=method.old_logits)}
         return extra
 
-    return ctx.fit(method, method_name, params, evaluate, finish)
+    return ctx.fit(method, method_name, params, evaluate, finish, phases)
 
 
 def joint_reference(spec: RunSpec, teacher_path: Path, student_path: Path) -> dict:
