@@ -26,9 +26,13 @@ def forward_all(model: nn.Module, batches, device: torch.device) -> tuple[torch.
     return torch.cat(logits), torch.cat(embs), torch.cat(labels)
 
 
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
 def accuracy(model: nn.Module, batches, device: torch.device) -> float:
     logits, _, labels = forward_all(model, batches, device)
-    return (logits.argmax(1) == labels).float().mean().item()
+    return top1(logits, labels)
 
 
 def class_means(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
