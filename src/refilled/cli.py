@@ -437,39 +437,14 @@ def cmd_methods(args) -> int:
 
 
 def cmd_ncm(args) -> int:
-    import torch
-
-    from refilled.training.checkpoints import load_model
-    from refilled.data import load_dataset
-    from refilled.data.batches import Batches, task_split
-    from refilled.evaluate import forward_all, ncm_accuracy
-    from refilled.training.run import read_split
     from refilled.io import write_json
-    from refilled.models import build_model
-    from refilled.training.loop import resolve_device, set_cpu_threads
+    from refilled.training.ncm import ncm_score
 
-    set_cpu_threads()
-    device = resolve_device(args.device)
-    split = read_split(args.split)
-    dataset = load_dataset(split["dataset"], args.data_root, verify_checksums=not args.no_checksum)
-    classes = split[f"{args.task}_classes"]
-    train_b = Batches(task_split(dataset.train, classes, args.per_class, args.seed), dataset, 512, False, device)
-    test_b = Batches(task_split(dataset.test, classes), dataset, 512, False, device)
-    if args.model:
-        model, meta = load_model(args.model, device=device)
-        source = {"model": str(args.model), "arch": meta["arch"], "trained_on": meta.get("classes")}
-    else:
-        torch.manual_seed(args.seed)
-        model = build_model(args.random_init, len(split[f"{args.task}_classes"])).to(device)
-        source = {"random_init": args.random_init, "seed": args.seed}
-    tr = forward_all(model, train_b, device)
-    te = forward_all(model, test_b, device)
-    acc = ncm_accuracy(tr[1], tr[2], te[1], te[2], len(split[f"{args.task}_classes"]))
-    result = {"ncm_acc": acc, "task": args.task, "seed": args.seed, "classes": split[f"{args.task}_classes"], **source,
-              "split": str(args.split), "per_class": args.per_class, "n_train": len(tr[2]), "n_test": len(te[2])}
+    result = ncm_score(args.split, args.data_root, args.task, args.per_class, args.seed, args.device,
+                       model_path=args.model, random_init=args.random_init, verify_checksums=not args.no_checksum)
     if args.out:
         write_json(args.out, result)
-    print(f"NCM accuracy on the {args.task} classes {result['classes']}: {acc:.4f}")
+    print(f"NCM accuracy on the {args.task} classes {result['classes']}: {result['ncm_acc']:.4f}")
     return 0
 
 
