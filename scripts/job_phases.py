@@ -7,7 +7,9 @@ time went into training epochs, and where the rest went.
 Each finished run's summary.json holds `phases` (seconds: startup, data, teacher, train,
 evaluation, writing, other; total = the job's process start to its summary). Where Snakemake's
 benchmark files are given (the same relative paths, `.tsv`), their wall time (`s`, which also
-covers the shell and the `refilled` command's own start) is summed beside it. Torch-free.
+covers the shell and the `refilled` command's own start) is summed beside it. The time a job
+waited for a free slot of `refilled pin` (`slot_wait`: other jobs held the cores) is scheduling,
+not the job's, and is left out of both. Torch-free.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
         if phases is None:
             missing.append(str(run))
             continue
-        row = {"run": str(run), **{k: phases[k] for k in (*PHASES, "total")}}
+        row = {"run": str(run), **{k: phases[k] for k in (*PHASES, "total")}, "slot_wait": phases.get("slot_wait", 0.0)}
         if benchmarks is not None:
             row["benchmark_s"] = benchmark_seconds(benchmarks, run)
         rows.append(row)
@@ -81,12 +83,15 @@ def main(argv=None) -> int:
     print(f"{'total':<12}{total:>10.1f}{1:>8.0%}{total / len(rows):>9.2f}")
     train = sum(r["train"] for r in rows)
     print(f"inside training epochs: {train / total:.1%} of the jobs' own wall time")
+    waited = sum(r["slot_wait"] for r in rows)
+    if waited:
+        print(f"not counted above: {waited:.1f} s waiting for a free slot of `refilled pin` (other jobs held them)")
     bench = [r for r in rows if r.get("benchmark_s") is not None]
     if bench:
-        wall = sum(r["benchmark_s"] for r in bench)
+        wall = sum(r["benchmark_s"] - r["slot_wait"] for r in bench)
         share = sum(r["train"] for r in bench) / wall
-        print(f"Snakemake benchmarks ({len(bench)} jobs): {wall:.1f} s of job wall time, "
-              f"{share:.1%} inside training epochs")
+        print(f"Snakemake benchmarks ({len(bench)} jobs): {wall:.1f} s of job wall time"
+              + (" less the slot waits" if waited else "") + f", {share:.1%} inside training epochs")
     if args.csv:
         fields = list(dict.fromkeys(k for r in rows for k in r))
         args.csv.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,17 @@ def test_process_start_agrees_with_psutil():
     assert abs(ours - psutil.Process().create_time()) < 1.0   # psutil: /proc's btime, whole seconds
 
 
+def test_a_slot_wait_of_refilled_pin_is_apart_from_startup_and_total(monkeypatch):
+    import refilled.phases
+
+    monkeypatch.setattr(refilled.phases, "_slot_wait", 0.0)
+    refilled.phases.note_slot_wait(1.5)
+    phases = Phases(job_start=time.time() - 2.0)
+    phases.end_startup()
+    rec = phases.record()
+    assert rec["slot_wait"] == 1.5 and 0.5 <= rec["startup"] < 1.0 and 0.5 <= rec["total"] < 1.0
+
+
 def test_phases_add_up_to_the_total_with_the_rest_in_other():
     phases = Phases(job_start=time.time() - 2.0)
     phases.end_startup()
@@ -49,9 +60,9 @@ def test_job_phases_sums_a_run_directory(tmp_path):
     a = {"startup": 0.5, "data": 0.1, "teacher": 0.2, "train": 8.0, "evaluation": 0.6, "writing": 0.1,
          "other": 0.5, "total": 10.0, "startup_measured": True}
     b = {"startup": 3.0, "data": 0.0, "teacher": 0.0, "train": 2.0, "evaluation": 0.0, "writing": 0.0,
-         "other": 0.0, "total": 5.0, "startup_measured": True}
+         "other": 0.0, "total": 5.0, "slot_wait": 4.0, "startup_measured": True}
     write_run(runs, bench, "teachers/t/seed0", a, 10.5)
-    write_run(runs, bench, "students/s/r0.4/seed0/kd", b, 5.5)
+    write_run(runs, bench, "students/s/r0.4/seed0/kd", b, 9.5)   # 4 s of it waiting for a slot
     (runs / "teachers/t/seed0/.finished").mkdir()
     (runs / "teachers/t/seed0/.finished/summary.json").write_text(json.dumps({"fingerprint": {}, "phases": a}))
     out = tmp_path / "jobs.csv"
@@ -64,7 +75,8 @@ def test_job_phases_sums_a_run_directory(tmp_path):
     assert float(rows["train"][0]) == pytest.approx(10.0) and rows["train"][1] == "66.7%"
     assert float(rows["startup"][0]) == pytest.approx(3.5) and float(rows["total"][0]) == pytest.approx(15.0)
     assert "inside training epochs: 66.7%" in proc.stdout
-    assert "2 jobs): 16.0 s of job wall time, 62.5% inside training epochs" in proc.stdout   # 10 / 16
+    assert "not counted above: 4.0 s waiting for a free slot" in proc.stdout
+    assert "2 jobs): 16.0 s of job wall time less the slot waits, 62.5% inside training epochs" in proc.stdout
     assert len(out.read_text().splitlines()) == 3
 
 
@@ -74,3 +86,19 @@ def test_job_phases_refuses_a_directory_without_phases(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/job_phases.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "records its phases" in proc.stderr and "1 runs written before" in proc.stderr
+
+
+def test_refilled_pin_notes_how_long_it_waited_for_a_slot(tmp_path, monkeypatch):
+    import fcntl
+    import threading
+
+    import refilled.phases
+    from refilled.pin import HELD_SLOTS, take_slot
+
+    monkeypatch.setattr(refilled.phases, "_slot_wait", 0.0)
+    held = open(tmp_path / "cpu0-x1.lock", "a")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)          # another job holds the only slot
+    threading.Timer(1.5, held.close).start()                   # ... for 1.5 s
+    assert take_slot(tmp_path, ["cpu0-x1"]) == 0
+    HELD_SLOTS.pop().close()
+    assert 1.0 <= refilled.phases._slot_wait < 5.0

@@ -86,8 +86,11 @@ def take_slot(lock_dir: Path, names: list[str]) -> int:
     import fcntl
     import time
 
+    from refilled.phases import note_slot_wait
+
     lock_dir.mkdir(parents=True, exist_ok=True)
     waited = False
+    began = time.monotonic()
     while True:
         for i, name in enumerate(names):
             f = open(lock_dir / f"{name}.lock", "a")
@@ -97,6 +100,7 @@ def take_slot(lock_dir: Path, names: list[str]) -> int:
                 f.close()
                 continue
             HELD_SLOTS.append(f)
+            note_slot_wait(time.monotonic() - began)
             return i
         if not waited:
             print(f"refilled pin: all {len(names)} slots in {lock_dir} are busy; waiting", file=sys.stderr, flush=True)

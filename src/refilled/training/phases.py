@@ -1,4 +1,5 @@
-"""Where a job's wall time goes: start-up, data, teacher, training epochs, evaluation, writing.
+"""Where a job's wall time goes: start-up, data, teacher, training epochs, evaluation, writing
+(and, apart, the wait for a free slot of `refilled pin`, which is scheduling, not the job).
 
 A training run records these in its summary.json (`"phases"`, seconds) so that anyone can
 repeat the measurement of how much of a job is spent training; `scripts/job_phases.py` sums
@@ -19,6 +20,12 @@ from contextlib import contextmanager
 JOB_START_ENV = "REFILLED_JOB_START"
 # In the order a job goes through them; "other" is what no phase covers (optimiser set-up, ...).
 PHASES = ("startup", "data", "teacher", "train", "evaluation", "writing", "other")
+_slot_wait = 0.0   # seconds `refilled pin` waited for a slot in this process (before the run began)
+
+
+def note_slot_wait(seconds: float) -> None:
+    global _slot_wait
+    _slot_wait += seconds
 
 
 def process_start_time() -> float | None:
@@ -52,6 +59,7 @@ class Phases:
         self.start = time.time() if job_start is None else job_start
         self.start_known = job_start is not None
         self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.slot_wait = 0.0
 
     @contextmanager
     def __call__(self, name: str):
@@ -67,15 +75,18 @@ class Phases:
         self.seconds[name] += seconds
 
     def end_startup(self) -> None:
-        self.seconds["startup"] = time.time() - self.start
+        """Start-up ends now; the time `refilled pin` waited for a slot is not part of it."""
+        self.slot_wait = _slot_wait
+        self.seconds["startup"] = time.time() - self.start - self.slot_wait
 
     def record(self) -> dict:
-        """Seconds per phase, "other" (what no phase covers) and "total" (job start to now);
+        """Seconds per phase, "other" (what no phase covers) and "total" (job start to now,
+        less "slot_wait", the wait for a free slot of `refilled pin`, reported apart);
         "startup_measured" is false where the job's start was unknown (then start-up and
         total begin when this object was made)."""
-        total = time.time() - self.start
+        total = time.time() - self.start - self.slot_wait
         out = dict(self.seconds)
         out["other"] = max(0.0, total - sum(v for k, v in out.items() if k != "other"))
         return {**{k: round(v, 3) for k, v in out.items()}, "total": round(total, 3),
-                "startup_measured": self.start_known}
+                "slot_wait": round(self.slot_wait, 3), "startup_measured": self.start_known}
 
