@@ -86,7 +86,7 @@ def take_slot(lock_dir: Path, names: list[str]) -> int:
     import fcntl
     import time
 
-    from refilled.phases import note_slot_wait
+    from refilled.training.phases import note_slot_wait
 
     lock_dir.mkdir(parents=True, exist_ok=True)
     waited = False
