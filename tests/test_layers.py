@@ -232,3 +232,11 @@ def test_the_repository_names_no_old_module_path():
             and path != PACKAGE_DIR / "__init__.py"
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
     assert hits == []
+
+
+def test_python_dash_m_with_an_old_module_path_runs_the_moved_module(tmp_path):
+    """`python -m refilled.flops` (as older docs and scripts write it) runs refilled.tools.flops."""
+    out = subprocess.run([sys.executable, "-m", "refilled.flops", "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: python -m refilled.tools.flops")

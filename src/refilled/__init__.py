@@ -61,7 +61,13 @@ class _MovedModules:
             return None
         import importlib.util
 
-        return importlib.util.spec_from_loader(name, self)
+        return importlib.util.spec_from_loader(name, self, origin=importlib.util.find_spec(_MOVED[name]).origin)
+
+    def get_code(self, name):
+        """`python -m OLD` runs the moved module (runpy asks for its code)."""
+        import importlib.util
+
+        return importlib.util.find_spec(_MOVED[name]).loader.get_code(_MOVED[name])
 
     def create_module(self, spec):
         return None
