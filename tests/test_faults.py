@@ -775,6 +775,132 @@ def test_diverging_run_stops_with_epoch_step_and_terms_through_the_command(fashi
 
 
 # ------------------------------------------------------------------------------------------------
+# 6b. SIGTERM (Slurm preemption, scancel, requeue): stop, keep the last epoch's checkpoint, fail
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_mid_epoch_keeps_the_last_epochs_checkpoint_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """SIGTERM delivered during a step of epoch 2: the run stops after that step with exit status
+    143, epoch 2 is abandoned (metrics.csv and resume.pt are epoch 1's), the handler that was
+    there before comes back, and resuming ends on the uninterrupted run's weights."""
+    import refilled.step
+    import refilled.train
+
+    steps = len(train_batches(tiny_dataset()))
+    real, calls = refilled.step.TrainStep.step, []
+
+    def step_then_sigterm(self, x, y):
+        calls.append(1)
+        out = real(self, x, y)
+        if len(calls) == steps + 2:                       # epoch 2, step 2 of `steps`
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    def before(signum, frame):                            # what a caller had; fit must not reach it
+        raise AssertionError("SIGTERM went to the caller's handler, not to the training loop's")
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(refilled.step.TrainStep, "step", step_then_sigterm)
+        previous = signal.signal(signal.SIGTERM, before)
+        try:
+            with pytest.raises(SystemExit) as info:
+                fit_tiny(run)
+            handler_after = signal.getsignal(signal.SIGTERM)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    assert info.value.code == refilled.train.TERMINATED_EXIT == 143
+    assert len(calls) == steps + 2, f"{len(calls) - steps - 2} steps ran after SIGTERM"
+    assert handler_after is before, "fit must put back the handler it found"
+    assert [int(r["epoch"]) for r in read_rows(run / "metrics.csv")] == [1]
+    assert load_tensors(run / "resume.pt")["epoch"] == 1 and not temp_files(run)
+
+    resumed, _ = fit_tiny(run)
+    straight, _ = fit_tiny(tmp_path / "straight")
+    assert_same_weights(resumed.state_dict(), straight.state_dict())
+
+
+def test_a_run_killed_after_its_last_epoch_puts_back_the_metrics_snakemake_deleted(fashion, tmp_path, monkeypatch):
+    """Killed after the last epoch's checkpoint and before model.pt: Snakemake deletes the failed
+    job's declared outputs, metrics.csv among them, and resume.pt stays. The job started again has
+    no epoch left to train; it must write metrics.csv back from the checkpoint (before this, the
+    run failed reading it for its validation epoch: found by scripts/chaos.py)."""
+    import refilled.runs
+    import refilled.train
+
+    out = tmp_path / "run"
+    argv = ["train", "--method", "student", *train_args(fashion, out), "--val-per-class", 1]
+    with monkeypatch.context() as m:
+        m.setattr(refilled.runs, "save_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+        with pytest.raises(KeyboardInterrupt):
+            cli(argv)
+    rows = read_rows(out / "metrics.csv")
+    assert load_tensors(out / "resume.pt")["epoch"] == 2 and not (out / "summary.json").exists()
+    (out / "metrics.csv").unlink()                      # what Snakemake does to a failed job's outputs
+
+    trained, real = [], refilled.train._train_epoch
+    monkeypatch.setattr(refilled.train, "_train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
+    rc, _, err = cli(argv)
+    assert rc == 0, err
+    assert trained == [] and read_rows(out / "metrics.csv") == rows
+    assert read_json(out / "summary.json")["val_selected"]["epoch"] in (1, 2)
+
+
+def sigterm_fashion(tmp_path: Path) -> dict:
+    """Fake Fashion-MNIST with enough images that an epoch of wrn-10-1 takes a fraction of a second."""
+    root = tmp_path / "data"
+    make_fashion_idx(root, 100, 4)
+    split = tmp_path / "split.json"
+    rc, _, err = cli(["split", "--dataset", "fashion-mnist", "--ratio", 0.5, "--seed", 0,
+                      "--classes-per-task", 2, "--out", split])
+    assert rc == 0, err
+    return {"root": root, "split": split}
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_training_command_stops_it_within_seconds_and_the_resumed_run_is_exact(tmp_path):
+    """A real `refilled train-teacher` gets SIGTERM as soon as its first epoch is checkpointed:
+    it exits with 143 within a few seconds, writes no model.pt or summary.json, leaves the
+    checkpoint of its last finished epoch (matching metrics.csv), and the same command run again
+    resumes from it to the weights and metrics of a run never interrupted."""
+    data = sigterm_fashion(tmp_path)
+    epochs = 6
+    command = lambda out: [REFILLED, "train-teacher", *map(str, train_args(data, out, epochs=epochs))]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(command(run), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "resume.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or hung before epoch 1"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, f"exit {proc.returncode}\n{err[-3000:]}"
+    assert took < 10, f"{took:.1f} s from SIGTERM to exit"
+    assert "SIGTERM" in err and "run the same command again to resume" in err, err[-2000:]
+    assert not (run / "summary.json").exists() and not (run / "model.pt").exists() and not temp_files(run)
+    state = load_tensors(run / "resume.pt")
+    rows_at_kill = read_rows(run / "metrics.csv")
+    assert 1 <= state["epoch"] < epochs and [int(r["epoch"]) for r in rows_at_kill] == list(range(1, state["epoch"] + 1))
+    assert as_csv(state["rows"]) == rows_at_kill
+
+    again = subprocess.run(command(run), env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    straight = subprocess.run(command(tmp_path / "straight"), env=env(), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    rows = read_rows(run / "metrics.csv")
+    assert rows[:len(rows_at_kill)] == rows_at_kill, "resumed from the checkpoint, not started over"
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    assert drop(rows) == drop(read_rows(tmp_path / "straight" / "metrics.csv"))
+    assert_same_weights(load_tensors(run / "model.pt")["state_dict"],
+                        load_tensors(tmp_path / "straight" / "model.pt")["state_dict"])
+
+
+# ------------------------------------------------------------------------------------------------
 # 7. untrusted checkpoints
 # ------------------------------------------------------------------------------------------------
 

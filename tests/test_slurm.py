@@ -7,7 +7,8 @@ outlives the Snakemake process that started it.
     the GPU Slurm gave it (`refilled pin` kept Slurm's CUDA_VISIBLE_DEVICES), and the table is
     the one a local run makes with the same experiment profile.
  2. A training job cancelled with scancel mid-run resumes from its last finished epoch when the
-    workflow is run again and ends on the weights of a run never interrupted.
+    workflow is run again and ends on the weights of a run never interrupted; one requeued with
+    `scontrol requeue` starts again as the same Slurm job, resumes, and Table 2 equals the local one.
  3. Snakemake killed while a training job runs, the job finishing afterwards: the next
     `snakemake --rerun-incomplete` does not train it again (locally and on Slurm).
 
@@ -270,6 +271,55 @@ def test_cancelled_job_resumes_from_its_last_epoch_to_the_uninterrupted_weights(
     drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
     assert drop(rows) == drop(read_rows(ref / "metrics.csv"))
     assert_same_weights(run / "model.pt", ref / "model.pt")
+
+
+# ------------------------------------------------------------------------------------------------
+# 2b. scontrol requeue mid-run (preemption with requeue): the same job starts again and resumes
+# ------------------------------------------------------------------------------------------------
+
+
+def restarts(cluster, job_id: str) -> int:
+    """How many times Slurm started the job again (`scontrol show job`: Restarts=N)."""
+    found = re.search(r"\bRestarts=(\d+)", slurm(cluster, "scontrol", "show", "job", "-o", job_id))
+    assert found, f"scontrol show job {job_id} has no Restarts field"
+    return int(found.group(1))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_requeued_job_starts_again_resumes_from_its_last_epoch_and_makes_the_local_table(cluster, local_run, tmp_path):
+    """`scontrol requeue` of the running teacher job, as a preemption with requeue does: Slurm
+    ends it and, after its BeginTime (about two minutes), starts the same job id again; the
+    run continues after its last finished epoch, the Snakemake that submitted it goes on
+    without submitting it again, and Table 2 and the teacher's weights equal the local run's."""
+    wf = make_workflow(tmp_path / "wf")
+    run = wf / TEACHER.format(profile=PROFILE)
+    args = ["results/table2.csv", *SLURM_ARGS, "--config", f"profile={PROFILE}"]
+    with started_snakemake(wf, *args, cluster=cluster) as proc:
+        # the plugin's --comment names the rule; other jobs of Table 2 may be queued beside it
+        teacher_jobs = lambda: [line.split("|")[0] for line in slurm(cluster, "squeue", "-h", "-o", "%i|%k").split()
+                                if line.split("|")[1].startswith("rule_teacher_")]
+        wait_for(teacher_jobs, "the teacher's sbatch job", proc, wf)
+        ids = teacher_jobs()
+        assert len(ids) == 1, ids
+        wait_for(lambda: (run / "resume.pt").exists(), "the teacher's first epoch", proc, wf)
+        slurm(cluster, "scontrol", "requeue", ids[0])
+        wait_for(lambda: restarts(cluster, ids[0]) == 1 and job_states(cluster, ids)[ids[0]] == "PENDING",
+                 "Slurm requeued the job", proc, wf, timeout=60)
+        assert not (run / "summary.json").exists(), "requeued before the teacher finished"
+        rows_at_requeue = rows_of_checkpoint(run / "resume.pt")
+        assert proc.wait(timeout=900) == 0, (wf / "snakemake-started.log").read_text()[-6000:]
+    text = (wf / "snakemake-started.log").read_text()
+    teacher_ids = [i for i in submitted(text) if i == ids[0]]
+    assert len(teacher_ids) == 1, "Snakemake did not submit the requeued job again: Slurm restarted it"
+    assert 1 <= len(rows_at_requeue) < 3
+    rows = read_rows(run / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert rows[:len(rows_at_requeue)] == rows_at_requeue, "resumed from the checkpoint (timings included), not restarted"
+
+    ref = local_run / TEACHER.format(profile=PROFILE)
+    assert_same_weights(run / "model.pt", ref / "model.pt")
+    assert (wf / "results" / "table2.csv").read_text() == (local_run / "results" / "table2.csv").read_text()
 
 
 # ------------------------------------------------------------------------------------------------

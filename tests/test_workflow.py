@@ -1096,6 +1096,26 @@ def test_smoke_a_changed_epoch_count_reruns_exactly_its_runs_and_their_tables(sm
 
 
 
+@pytest.mark.slow
+def test_smoke_chaos_run_killed_three_times_ends_with_the_outputs_of_the_uninterrupted_run(smoke_clone, tmp_path):
+    """scripts/chaos.py kills the smoke workflow 3 times (Snakemake with its jobs, a training job
+    with SIGKILL, or one with SIGTERM then SIGKILL; kinds and moments from the seed), resumes
+    each time as docs/troubleshooting.md says, and compares with this module's uninterrupted
+    smoke run: tables, figure data, every model.pt and metrics.csv identical, no finished run
+    trained again. Its exit status says so; the printed counts are checked too."""
+    proc = run([sys.executable, ROOT / "scripts" / "chaos.py", "--kills", 3, "--seed", 26, "--gap", 3, 12,
+                "--reference", smoke_clone["repo"], "--workdir", tmp_path / "chaos"], cwd=ROOT, timeout=1500,
+               check=False)
+    out = proc.stdout
+    assert proc.returncode == 0, f"chaos.py failed ({proc.returncode}):\n{out[-6000:]}\n{proc.stderr[-3000:]}"
+    assert re.search(r"^seed 26; 3 kills: snakemake 1, job 1, job-term 1$", out, re.M), out   # drawn from the seed
+    assert "runs retrained after their summary.json: 0" in out and "result: identical outputs" in out, out
+    compared = dict((kind, int(n)) for n, kind in re.findall(r"(\d+) (tables|figure data|model.pt|metrics.csv)",
+                                                           out.split("compared: ")[1].splitlines()[0]))
+    runs = [p for p in (smoke_clone["repo"] / "results" / "runs").rglob("model.pt") if ".finished" not in p.parts]
+    assert compared["model.pt"] == len(runs) and compared["tables"] >= len(TABLE_FILES), compared
+
+
 # ------------------------------------------------------------------------------------------------
 # What DVC users look at: dvc metrics, dvc plots, dvc exp; the report and the plots in a browser.
 # These run before the push/pull round trip below (it deletes the outputs and pulls them back).

@@ -12,12 +12,22 @@ and a resume checkpoint, both written atomically. A run started again in the sam
 directory with the same configuration continues after the last finished epoch; because
 each epoch's data order and augmentation come from (seed, epoch), the resumed run ends
 with the same weights as an uninterrupted one on the CPU.
+SIGTERM (Slurm preemption or requeue, `scancel`, a runner stopping its jobs) stops the run
+after the current step: the epoch in progress is abandoned, the last finished epoch's
+checkpoint stays as it was written, and the process exits with 143 (128 + SIGTERM), a
+failure for Snakemake and Slurm. A mid-epoch checkpoint is not written: the resumed run
+would have to restore the batch order, the augmentation and dropout generators and the
+device-side loss sums of the epoch at that step to stay bit-identical.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,10 +47,14 @@ from refilled.training.phases import Phases
 from refilled.training.step import NonFiniteLoss, TrainStep
 
 __all__ = ["OptimConfig", "NonFiniteLoss", "TrainStep", "fit", "lr_at", "resolve_device", "run_fingerprint",
-           "set_cpu_threads", "RESUME_FILE", "METRICS_FILE", "nan_check_every"]
+           "set_cpu_threads", "RESUME_FILE", "METRICS_FILE", "nan_check_every", "TERMINATED_EXIT", "EPOCH_LOG_ENV"]
 
 RESUME_FILE = "resume.pt"
 METRICS_FILE = "metrics.csv"
+TERMINATED_EXIT = 128 + signal.SIGTERM   # 143: the status a shell gives a process ended by SIGTERM
+# If set, every finished epoch appends "<run dir>\t<epoch>" to this file (scripts/chaos.py
+# counts the epochs a run trained, across kills and resumes)
+EPOCH_LOG_ENV = "REFILLED_EPOCH_LOG"
 
 
 @dataclass
@@ -128,7 +142,14 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
                      check_every=nan_check_every() if check_every is None else check_every)
     fingerprint = run_fingerprint(cfg, seed)
     rows, start = _resume(run_dir, method, step, fingerprint)   # before any capture
+    if rows:   # a killed job's metrics.csv may be gone (Snakemake deletes a failed job's outputs)
+        _write_metrics(run_dir, rows)
+    with _sigterm_flag() as terminated:
+        _epochs(method, train_batches, evaluate, cfg, run_dir, step, fingerprint, seed, rows, start, terminated, phases)
+    return {**rows[-1], "steps": step.record()}
 
+
+def _epochs(method, train_batches, evaluate, cfg, run_dir, step, fingerprint, seed, rows, start, terminated, phases):
     for epoch in range(start, cfg.epochs):
         # the global generators (dropout masks) from (seed, epoch): a resumed run draws what an
         # uninterrupted one does; data order and augmentation have their own generators
@@ -138,10 +159,13 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
         train_batches.set_epoch(epoch)
         began = time.perf_counter()
         try:
-            terms, correct, seen = _train_epoch(method, train_batches, step, f"epoch {epoch + 1}/{cfg.epochs}")
+            terms, correct, seen = _train_epoch(method, train_batches, step, f"epoch {epoch + 1}/{cfg.epochs}",
+                                                terminated)
         except NonFiniteLoss as exc:
             raise NonFiniteLoss(f"{exc}; {_kept(run_dir, epoch)}",
                                 exc.epoch, exc.step, exc.terms) from None
+        except _Terminated:
+            _exit_terminated(run_dir, epoch)
         for name, value in terms.items():   # end_epoch checked the flag; this catches overflow of the sums
             if not math.isfinite(value):
                 raise NonFiniteLoss(
@@ -159,10 +183,50 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
                      "loss": round(sum(terms.values()), 6), **train_acc,
                      **{k: round(v, 6) for k, v in scores.items()}, "seconds": round(seconds, 3)})
         with phases("writing"):
-            write_csv(run_dir / METRICS_FILE, rows, list(dict.fromkeys(k for row in rows for k in row)))
+            _write_metrics(run_dir, rows)
             save_tensors(run_dir / RESUME_FILE, {"fingerprint": fingerprint, "epoch": epoch + 1, "rows": rows,
                                                  "method": method.state_dict(), "optimizer": step.optimizer_state_dict()})
-    return {**rows[-1], "steps": step.record()}
+            _log_epoch(run_dir, epoch + 1)
+        if terminated and epoch + 1 < cfg.epochs:   # arrived during evaluation or the writes; after the
+                                                    # last epoch the run is finished and saved instead
+            _exit_terminated(run_dir, epoch + 1)
+
+
+class _Terminated(Exception):
+    """Raised between steps once SIGTERM has arrived."""
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """A list that SIGTERM appends to while training runs; the previous handler afterwards.
+    Signal handlers belong to the main thread: elsewhere SIGTERM keeps its disposition."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_terminated(run_dir: Path, finished_epochs: int):
+    print(f"refilled: SIGTERM: training stopped after {finished_epochs} finished epochs (an epoch in progress is "
+          f"abandoned); {_kept(run_dir, finished_epochs)}; run the same command again to resume",
+          file=sys.stderr, flush=True)
+    raise SystemExit(TERMINATED_EXIT)
+
+
+def _log_epoch(run_dir: Path, epoch: int) -> None:
+    path = os.environ.get(EPOCH_LOG_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:   # one short append per epoch: lines never interleave
+            f.write(f"{run_dir.resolve()}\t{epoch}\n")
+
+
+def _write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    write_csv(run_dir / METRICS_FILE, rows, list(dict.fromkeys(k for row in rows for k in row)))
 
 
 def _kept(run_dir: Path, finished_epochs: int) -> str:
@@ -171,12 +235,15 @@ def _kept(run_dir: Path, finished_epochs: int) -> str:
     return f"the last good checkpoint ({run_dir / RESUME_FILE}, epoch {finished_epochs}) is kept"
 
 
-def _train_epoch(method, batches, step: TrainStep, desc):
+def _train_epoch(method, batches, step: TrainStep, desc, terminated=()):
     """One epoch of `step` over `batches`; (mean loss terms, correct, seen). No host sync
-    per batch: the sums live on the device until `end_epoch`."""
+    per batch: the sums live on the device until `end_epoch`. Stops after the step during
+    which `terminated` became non-empty (SIGTERM)."""
     method.train()
     for x, y in tqdm(batches, total=len(batches), desc=desc, leave=False, disable=None, mininterval=2):
         step.step(x, y)
+        if terminated:
+            raise _Terminated
     return step.end_epoch()
 
 
