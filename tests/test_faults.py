@@ -783,11 +783,11 @@ def test_sigterm_mid_epoch_keeps_the_last_epochs_checkpoint_and_resumes_to_the_s
     """SIGTERM delivered during a step of epoch 2: the run stops after that step with exit status
     143, epoch 2 is abandoned (metrics.csv and resume.pt are epoch 1's), the handler that was
     there before comes back, and resuming ends on the uninterrupted run's weights."""
-    import refilled.step
-    import refilled.train
+    import refilled.training.step
+    import refilled.training.loop
 
     steps = len(train_batches(tiny_dataset()))
-    real, calls = refilled.step.TrainStep.step, []
+    real, calls = refilled.training.step.TrainStep.step, []
 
     def step_then_sigterm(self, x, y):
         calls.append(1)
@@ -801,7 +801,7 @@ def test_sigterm_mid_epoch_keeps_the_last_epochs_checkpoint_and_resumes_to_the_s
 
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(refilled.step.TrainStep, "step", step_then_sigterm)
+        m.setattr(refilled.training.step.TrainStep, "step", step_then_sigterm)
         previous = signal.signal(signal.SIGTERM, before)
         try:
             with pytest.raises(SystemExit) as info:
@@ -809,7 +809,7 @@ def test_sigterm_mid_epoch_keeps_the_last_epochs_checkpoint_and_resumes_to_the_s
             handler_after = signal.getsignal(signal.SIGTERM)
         finally:
             signal.signal(signal.SIGTERM, previous)
-    assert info.value.code == refilled.train.TERMINATED_EXIT == 143
+    assert info.value.code == refilled.training.loop.TERMINATED_EXIT == 143
     assert len(calls) == steps + 2, f"{len(calls) - steps - 2} steps ran after SIGTERM"
     assert handler_after is before, "fit must put back the handler it found"
     assert [int(r["epoch"]) for r in read_rows(run / "metrics.csv")] == [1]
@@ -825,21 +825,21 @@ def test_a_run_killed_after_its_last_epoch_puts_back_the_metrics_snakemake_delet
     job's declared outputs, metrics.csv among them, and resume.pt stays. The job started again has
     no epoch left to train; it must write metrics.csv back from the checkpoint (before this, the
     run failed reading it for its validation epoch: found by scripts/chaos.py)."""
-    import refilled.runs
-    import refilled.train
+    import refilled.training.run
+    import refilled.training.loop
 
     out = tmp_path / "run"
     argv = ["train", "--method", "student", *train_args(fashion, out), "--val-per-class", 1]
     with monkeypatch.context() as m:
-        m.setattr(refilled.runs, "save_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+        m.setattr(refilled.training.run, "save_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
         with pytest.raises(KeyboardInterrupt):
             cli(argv)
     rows = read_rows(out / "metrics.csv")
     assert load_tensors(out / "resume.pt")["epoch"] == 2 and not (out / "summary.json").exists()
     (out / "metrics.csv").unlink()                      # what Snakemake does to a failed job's outputs
 
-    trained, real = [], refilled.train._train_epoch
-    monkeypatch.setattr(refilled.train, "_train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
+    trained, real = [], refilled.training.loop._train_epoch
+    monkeypatch.setattr(refilled.training.loop, "_train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
     rc, _, err = cli(argv)
     assert rc == 0, err
     assert trained == [] and read_rows(out / "metrics.csv") == rows
