@@ -19,7 +19,7 @@ Kinds of kill, drawn from --seed with the moments (seconds after the latest star
 A job kill waits for a training job to be running. After N kills the run is let finish. Then:
 every table and the data of every figure are compared byte for byte with the reference run's,
 every run's model.pt (tensors) and metrics.csv (all but the `seconds` column) likewise. Every
-finished epoch is logged through REFILLED_EPOCH_LOG (refilled.train): a run seen with a
+finished epoch is logged through REFILLED_EPOCH_LOG (refilled.training.loop): a run seen with a
 summary.json that logs an epoch afterwards was trained again. Prints kills by kind, resumes,
 runs retrained and epochs trained beyond the reference run's; exit 0 only when all is identical
 and no finished run was trained again, 1 otherwise, 2 on bad arguments.
@@ -47,7 +47,7 @@ BIN = Path(sys.executable).parent
 KINDS = ("snakemake", "job", "job-term")
 TRAINING_COMMANDS = {"train", "train-teacher"}           # refilled subcommands that run train.fit
 FIGURE_DATA = (".csv", ".json", ".tsv", ".txt", ".md")   # figures/: data files, not the rendered images
-EPOCH_LOG_ENV = "REFILLED_EPOCH_LOG"                     # refilled.train.EPOCH_LOG_ENV (no torch import here)
+EPOCH_LOG_ENV = "REFILLED_EPOCH_LOG"                     # refilled.training.loop.EPOCH_LOG_ENV (no torch import here)
 
 
 def copy_workflow(dst: Path) -> Path:
@@ -70,7 +70,7 @@ class Workflow:
     def __init__(self, wf: Path, cores: int, profile: str, epoch_log: Path):
         self.wf, self.profile = wf, profile
         self.base = ["all", "--cores", str(cores)]
-        # jobs run through the fork server (refilled.forkserver) stay in Snakemake's session: the
+        # jobs run through the fork server (refilled.tools.forkserver) stay in Snakemake's session: the
         # `refilled` command is the job to kill (the server kills its child, or passes SIGTERM on)
         self.env = {**os.environ,
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -42,7 +42,7 @@ def dry_run(target: str, profile: str, workdir: Path) -> tuple[float, int]:
 def one_split(profile: str, workdir: Path) -> str:
     """A single-job target of the profile: its first split file (the smallest DAG it has)."""
     sys.path.insert(0, str(ROOT / "src"))
-    from refilled.config import fmt, load_profile
+    from refilled.experiments.profile import fmt, load_profile
 
     exp = next(iter(load_profile(ROOT, profile)["experiments"].values()))
     return (f"data/splits/{exp['dataset']}/{exp.get('class_order', 'seeded')}/h{exp['classes_per_task']}/"

@@ -72,7 +72,7 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 # ---- the stages, in order of value: estimated seconds and limit (0: what the budget leaves) ----
-# The bench stages' estimates come from `refilled.bench --plan` with their own arguments.
+# The bench stages' estimates come from `refilled.tools.bench --plan` with their own arguments.
 BENCH_ARGS="--device cuda --config full --out $OUT/bench.csv"
 BENCH_TARGETS="$BENCH_ARGS --part targets --seconds 1 --concurrent 2"
 BENCH_REST="$BENCH_ARGS --part rest --append --seconds 0.5 --eager no --concurrent 1 4"
@@ -91,11 +91,11 @@ have_fashion() {   # the four files, .gz or not
   done
 }
 
-bench_estimates() {   # ESTIMATE of the two bench stages, from refilled.bench --plan
+bench_estimates() {   # ESTIMATE of the two bench stages, from refilled.tools.bench --plan
   local lines
   lines=$("$PY" - "$BENCH_TARGETS" "$BENCH_REST" <<'EOF'
 import contextlib, io, re, sys
-from refilled.bench import main
+from refilled.tools.bench import main
 for args in sys.argv[1:]:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):   # without --append: as if bench.csv were empty
@@ -123,8 +123,8 @@ print_plan() {   # the stages with estimates, limits and deadlines; returns 1 if
   done
   if wants bench-targets || wants bench-rest; then
     sed 's/^/  bench /' <<<"$BENCH_PLAN_LINES"
-    echo "  bench-targets: refilled.bench $BENCH_TARGETS"
-    echo "  bench-rest:    refilled.bench $BENCH_REST"
+    echo "  bench-targets: refilled.tools.bench $BENCH_TARGETS"
+    echo "  bench-rest:    refilled.tools.bench $BENCH_REST"
   fi
   echo "  total estimate ${e_sum} s; fixed limits ${fixed} s; budget ${BUDGET} s"
   if [ $e_sum -gt "$BUDGET" ] || [ $fixed -gt "$BUDGET" ]; then
@@ -225,7 +225,7 @@ if not torch.cuda.is_available():
 p = torch.cuda.get_device_properties(0)
 print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}, "
       f"bf16 {torch.cuda.is_bf16_supported()}")
-import refilled.step, refilled.bench, refilled.train   # importable with what is installed
+import refilled.training.step, refilled.tools.bench, refilled.training.loop   # importable with what is installed
 EOF
 fi
 
@@ -239,7 +239,7 @@ fi
 
 if wants bench-targets; then
   rm -f "$OUT/bench.csv"    # this run's rows only; bench-rest appends to them
-  stage bench-targets "$PY" -m refilled.bench $BENCH_TARGETS
+  stage bench-targets "$PY" -m refilled.tools.bench $BENCH_TARGETS
 fi
 
 fmnist() {
@@ -260,7 +260,7 @@ import json, math, os, sys
 from pathlib import Path
 d, seeds = Path(sys.argv[1]), sys.argv[2:]
 acc = {dev: [] for dev in ("cuda", "cpu")}
-steps = {dev: [] for dev in acc}     # how each run's steps ran (summary.json "steps", refilled.step)
+steps = {dev: [] for dev in acc}     # how each run's steps ran (summary.json "steps", refilled.training.step)
 rows = ["device,seed,test_acc,seconds,steps,captures,fallbacks"]
 for dev in acc:
     for seed in seeds:    # the seeds of this call only, not what an earlier call left in $OUT
@@ -316,7 +316,7 @@ if wants fmnist; then
 fi
 
 if wants bench-rest; then
-  stage bench-rest "$PY" -m refilled.bench $BENCH_REST
+  stage bench-rest "$PY" -m refilled.tools.bench $BENCH_REST
 fi
 
 total=$(( $(date +%s) - began ))

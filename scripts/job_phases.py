@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from refilled.phases import PHASES  # noqa: E402
+from refilled.training.phases import PHASES  # noqa: E402
 
 
 def summaries(runs: Path):

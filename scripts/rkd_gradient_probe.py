@@ -10,12 +10,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from refilled.checkpoints import load_model
+from refilled.training.checkpoints import load_model
 from refilled.data import load_dataset
 from refilled.data.batches import Batches, task_split
 from refilled.losses import rkd_terms
 from refilled.models import build_model
-from refilled.runs import read_split
+from refilled.training.run import read_split
 
 torch.set_num_threads(2)
 split = read_split(sys.argv[1])

@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 
-import refilled.train as train_mod
+import refilled.training.loop as train_mod
 from refilled.io import load_tensors
 
 

@@ -16,7 +16,7 @@ from cli_runner import cli
 from methods_cases import CASE_IDS, batches, build_case
 from torch import nn
 
-from refilled.archs import ARCH_PATTERN, AUTHORS, AUTHORS_ARCHS, OURS, arch_code, arch_ok, paper_name, parse_arch
+from refilled.models.archs import ARCH_PATTERN, AUTHORS, AUTHORS_ARCHS, OURS, arch_code, arch_ok, paper_name, parse_arch
 from refilled.models import AuthorsMobileNet, AuthorsWideResNet, build_model
 
 # ------------------------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def test_every_method_steps_on_the_authors_networks(case, student, teacher):
 def test_train_and_reload_through_the_cli(tmp_path):
     from fakedata import make_fashion_idx
 
-    from refilled.checkpoints import load_model
+    from refilled.training.checkpoints import load_model
 
     root = tmp_path / "data"
     make_fashion_idx(root, 4, 2)
@@ -435,7 +435,7 @@ def test_paper_profile_defaults_to_the_authors_networks_and_the_others_to_ours()
     Fashion-MNIST profile run ours."""
     from pathlib import Path
 
-    from refilled.config import load_profile
+    from refilled.experiments.profile import load_profile
 
     root = Path(__file__).resolve().parents[1]
 
@@ -454,7 +454,7 @@ def test_paper_profile_defaults_to_the_authors_networks_and_the_others_to_ours()
 
 
 def test_the_reproduction_pairs_the_authors_students_with_the_papers():
-    from refilled.reproduction import paper_counterpart
+    from refilled.report.reproduction import paper_counterpart
 
     assert [paper_counterpart("2", a, "wrn-authors-40-2") for a in AUTHORS_ARCHS[:4]] == \
         ["wrn-40-2", "wrn-16-2", "wrn-40-1", "wrn-16-1"]

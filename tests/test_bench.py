@@ -1,5 +1,5 @@
 """`refilled bench` on the CPU (small configuration), the reference-style stage-1 loop, and
-the batched 224 px augmentation (refilled.augment) that the bench and CUB use."""
+the batched 224 px augmentation (refilled.data.augment) that the bench and CUB use."""
 
 import argparse
 import csv
@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refilled import augment
-from refilled.bench import COLUMNS, Case, add_bench_parser, cmd_bench, concurrent_rows, main, peak_for_name, small_config
+from refilled.data import augment
+from refilled.tools.bench import COLUMNS, add_bench_parser, cmd_bench, main
+from refilled.tools.bench_cases import Case, peak_for_name, small_config
+from refilled.tools.bench_concurrent import concurrent_rows
 from refilled.methods.stage1 import reference_tuple_loss
 from refilled.losses import comparison_matching_loss
 
@@ -59,7 +61,7 @@ def test_concurrent_jobs_sum_their_images_per_second():
 def _fake_measurements(monkeypatch, fail=None):
     """Stand-ins for the two pipelines (no training): ours 100 img/s, CE 200; `fail` maps a
     method to the exception its row raises (BaseException: the process is stopped there)."""
-    import refilled.bench as bench
+    import refilled.tools.bench as bench
 
     calls = []
 
@@ -77,7 +79,7 @@ def _fake_measurements(monkeypatch, fail=None):
 
 
 def test_a_failed_row_is_reported_in_it_and_the_next_row_runs(tmp_path, monkeypatch):
-    from refilled.step import NonFiniteLoss
+    from refilled.training.step import NonFiniteLoss
 
     out = tmp_path / "bench.csv"
     _fake_measurements(monkeypatch, fail={"stage1": NonFiniteLoss("non-finite loss at epoch 1, step 3: ce=nan"),
@@ -117,7 +119,7 @@ def test_rows_are_written_as_measured_and_append_measures_only_the_missing(tmp_p
 def test_concurrency_rows_are_written_as_measured(tmp_path, monkeypatch):
     """Round by round: a limit hit during the second round keeps the first in the CSV; vs 1
     job compares with the in-process CE row where no 1-job round ran."""
-    import refilled.bench as bench
+    import refilled.tools.bench_concurrent as bench_concurrent
 
     out = tmp_path / "bench.csv"
     _fake_measurements(monkeypatch)
@@ -129,7 +131,7 @@ def test_concurrency_rows_are_written_as_measured(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return [{"images": 300 * jobs, "seconds": 1.0, "mode": "graph"}] * jobs, []
 
-    monkeypatch.setattr(bench, "_concurrent_round", fake_round)
+    monkeypatch.setattr(bench_concurrent, "_concurrent_round", fake_round)
     with pytest.raises(KeyboardInterrupt):
         main(["--device", "cpu", "--archs", "wrn-16-1", "--methods", "student", "--concurrent", "4", "2",
               "--out", str(out)])
@@ -144,7 +146,7 @@ def test_plan_counts_the_timed_seconds_of_the_selection(capsys):
     """--plan measures nothing; its timed seconds, computed here from the configuration:
     per row ours + reference + eager (CUDA) at --seconds each, the teacher forward at half,
     plus each concurrency round."""
-    from refilled.bench import full_config, is_target, method_has_teacher
+    from refilled.tools.bench_cases import full_config, is_target, method_has_teacher
 
     assert main(["--device", "cuda", "--config", "full", "--seconds", "1", "--part", "targets",
                  "--concurrent", "2", "--plan"]) == 0
@@ -189,7 +191,7 @@ def test_reference_tuple_loop_computes_the_dense_stage1_loss(k_hat):
     assert torch.allclose(s1.grad, s2.grad, rtol=1e-4, atol=1e-7)
 
 
-# ---- refilled.augment -----------------------------------------------------------------
+# ---- refilled.data.augment -----------------------------------------------------------------
 
 
 def test_random_resized_crop_boxes_follow_torchvision():

@@ -20,7 +20,7 @@ from resume_check import kill_then_resume
 
 from refilled.methods import CATALOG, Entry, ParamError, get, registered
 from refilled.methods.catalog import protocol_table
-from refilled.train import OptimConfig, fit
+from refilled.training.loop import OptimConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -48,7 +48,7 @@ class ListBatches:
 
 
 def test_catalog_imports_no_torch():
-    code = ("import sys; from refilled.methods import CATALOG; from refilled.config import method_values;"
+    code = ("import sys; from refilled.methods import CATALOG; from refilled.experiments.profile import method_values;"
             "[e.resolve() for e in CATALOG.values()]; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
@@ -117,7 +117,7 @@ def test_train_refuses_bad_set_before_anything_is_written(tmp_path, sets, words)
 def test_profile_methods_section_is_checked_against_the_declarations(tmp_path):
     import shutil
 
-    from refilled.config import ConfigError, load_profile
+    from refilled.experiments.profile import ConfigError, load_profile
 
     base = tmp_path / "repo"
     shutil.copytree(ROOT / "workflow" / "schemas", base / "workflow" / "schemas")
@@ -126,7 +126,7 @@ def test_profile_methods_section_is_checked_against_the_declarations(tmp_path):
     (base / "config" / "good.yaml").write_text(text + "methods:\n  stage1: {tau: 2}\n  rkd: {angle_weight: 10}\n"
                                              "  kd: {T: 3}\n")
     cfg = load_profile(base, "good")
-    from refilled.config import method_values
+    from refilled.experiments.profile import method_values
     assert method_values(cfg, "stage1")["tau"] == 2 and method_values(cfg, "rkd")["angle_weight"] == 10
     assert method_values(cfg, "refilled")["lam"] == cfg["lam"] and method_values(cfg, "kd")["T"] == 3
     for extra, words in [("methods:\n  stage1: {taus: 2}\n", ["methods.stage1", "'taus'"]),
@@ -246,7 +246,7 @@ def test_a_throwaway_method_needs_only_its_file_and_a_catalog_line(tmp_path, mon
 
 
 def test_a_same_classes_method_gets_a_dash_where_it_does_not_apply(tmp_path):
-    from refilled.tables import NOT_APPLICABLE, write_table
+    from refilled.report.tables import NOT_APPLICABLE, write_table
 
     def summary(path, method, ratio, acc):
         path.write_text(json.dumps({"method": method, "task": "student", "arch": "wrn-10-1", "seed": 0,
@@ -278,7 +278,7 @@ def _dropout_student(seed=0):
 
 
 def test_dropout_masks_change_from_step_to_step_under_the_emulated_capture():
-    from refilled.step import TrainStep
+    from refilled.training.step import TrainStep
 
     method = _dropout_student()
     seen = []
@@ -302,7 +302,7 @@ def test_dropout_masks_change_from_step_to_step_under_the_emulated_capture():
 
 
 def test_emulated_capture_with_dropout_equals_eager_exactly():
-    from refilled.step import TrainStep
+    from refilled.training.step import TrainStep
 
     data = batches(3)
     states = {}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from refilled import claims
+from refilled.report import claims
 from refilled.cli import main
-from refilled.config import ConfigError, gain_experiment, gain_points, load_profile
+from refilled.experiments.profile import ConfigError, gain_experiment, gain_points, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 T975 = {2: 4.302653, 4: 2.776445}   # Student-t 97.5% quantiles (df 2, 4), from printed tables
@@ -279,8 +279,8 @@ def test_kendall_oracle_is_tau_b_on_tied_data():
 
 
 def test_reproduction_values_on_the_papers_setting(tmp_path):
-    from refilled import supplement
-    from refilled.reproduction import write_reproduction
+    from refilled.report import supplement
+    from refilled.report.reproduction import write_reproduction
 
     paper = supplement.value(2, "0.6", "wrn-40-2", "refilled")     # 80.66
     rows = [{"ratio": "0.6", "method": m, "arch": "wrn-40-2", "seed": s, "test_acc": v}
@@ -298,8 +298,8 @@ def test_reproduction_values_on_the_papers_setting(tmp_path):
 
 
 def test_reproduction_orderings_on_another_dataset(tmp_path):
-    from refilled import supplement
-    from refilled.reproduction import write_reproduction
+    from refilled.report import supplement
+    from refilled.report.reproduction import write_reproduction
 
     methods = ["student", "rkd", "aml", "refilled-emb", "refilled-minus", "refilled"]
     paper = {m: supplement.value(2, "0", "wrn-16-2", m) for m in methods}   # our 2nd student <-> the paper's 2nd
@@ -336,14 +336,14 @@ def test_reproduction_orderings_on_another_dataset(tmp_path):
     ("2", "wrn-16-1", "wrn-16-2", None), ("2", "mobilenet-1.0", "wrn-16-1", None),
 ])
 def test_paper_counterpart_keeps_the_students_relation_to_the_teacher(table, teacher, student, paper):
-    from refilled.reproduction import paper_counterpart
+    from refilled.report.reproduction import paper_counterpart
 
     assert paper_counterpart(table, student, teacher) == paper
 
 
 def test_reproduction_pairs_each_student_with_its_named_counterpart(tmp_path):
-    from refilled import supplement
-    from refilled.reproduction import write_reproduction
+    from refilled.report import supplement
+    from refilled.report.reproduction import write_reproduction
 
     methods = ["student", "rkd", "aml", "refilled-emb", "refilled-minus", "refilled"]
     ours = {m: 50.0 + i * 3.0 for i, m in enumerate(["aml", "student", "rkd", "refilled", "refilled-emb",
@@ -361,7 +361,7 @@ def test_reproduction_pairs_each_student_with_its_named_counterpart(tmp_path):
 
 
 def test_reproduction_one_seed_cell_has_no_interval(tmp_path):
-    from refilled.reproduction import write_reproduction
+    from refilled.report.reproduction import write_reproduction
 
     rows = [{"ratio": "0.6", "method": m, "arch": "wrn-40-2", "seed": s, "test_acc": v}
             for m, vals in (("refilled", [80.0]), ("student", [70.0, 70.5, 71.0])) for s, v in enumerate(vals)]
@@ -379,7 +379,7 @@ def test_reproduction_one_seed_cell_has_no_interval(tmp_path):
 @pytest.mark.parametrize("bounds", [(80.66, 82.0), (79.0, 80.66)])
 def test_reproduction_paper_value_on_a_bound_is_inside(tmp_path, monkeypatch, bounds):
     # the interval is closed: the supplement's 80.66 exactly on either end counts as inside
-    import refilled.reproduction as reproduction
+    import refilled.report.reproduction as reproduction
 
     monkeypatch.setattr(reproduction, "t_interval", lambda values: (81.0, *bounds))
     rows = [{"ratio": "0.6", "method": "refilled", "arch": "wrn-40-2", "seed": s, "test_acc": 81.0} for s in range(3)]
@@ -392,7 +392,7 @@ def test_reproduction_paper_value_on_a_bound_is_inside(tmp_path, monkeypatch, bo
 def test_reproduction_puts_the_authors_networks_beside_the_papers_values(tmp_path):
     # the paper profile's students are the authors' networks (wrn-authors-40-2 is the paper's
     # WRN-(40,2)): their cells are compared by value, Table 4 included, not by ordering
-    from refilled.reproduction import write_reproduction
+    from refilled.report.reproduction import write_reproduction
 
     t2 = write_long(tmp_path / "t2.csv", [{"ratio": "0.6", "method": "refilled", "arch": "wrn-authors-40-2",
                                            "seed": s, "test_acc": 80.0 + s} for s in range(3)])
@@ -410,7 +410,7 @@ def test_reproduction_puts_the_authors_networks_beside_the_papers_values(tmp_pat
 
 
 def test_reproduction_tau_is_tau_b_with_ties_on_both_sides(tmp_path):
-    from refilled.reproduction import write_reproduction
+    from refilled.report.reproduction import write_reproduction
 
     methods = ["student", "rkd", "aml", "refilled-emb", "refilled-minus", "refilled"]
     # Table 2, r = .6, WRN-(16,2): 76.37 76.20 76.45 76.90 76.66 76.66 (REFILLED^- and REFILLED tied);
@@ -430,7 +430,7 @@ def test_reproduction_tau_is_tau_b_with_ties_on_both_sides(tmp_path):
 
 
 def test_reproduction_all_tied_ours_has_no_tau(tmp_path):
-    from refilled.reproduction import write_reproduction
+    from refilled.report.reproduction import write_reproduction
 
     methods = ["student", "rkd", "aml", "refilled-emb", "refilled-minus", "refilled"]
     rows = [{"ratio": "0", "method": m, "arch": "wrn-10-2", "seed": 0, "test_acc": 50.0} for m in methods]

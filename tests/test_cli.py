@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fakedata import FASHION_FILES, idx_bytes, make_fashion_idx, write_maybe_gz
-from refilled.checkpoints import load_model
+from refilled.training.checkpoints import load_model
 from refilled.cli import build_parser, main
 from refilled.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_dataset
 from refilled.io import load_tensors
@@ -471,7 +471,7 @@ def test_lambda_dump_of_refilled(chain):
     # independent recomputation from the raw files and the teacher's model.pt (docs/method.md, [C wgkd]):
     # w_i = -log max_k p_T(k|x_i) of the teacher's own head; per training batch (batch size 8, epoch 0's
     # seeded order), w~ = (w - min) / (max - min); lambda_i = lam * 2 sigmoid(-w~), lam = 2
-    from refilled.data.batches import epoch_generator
+    from refilled.data.streams import epoch_generator
 
     teacher, meta = load_model(chain.dirs["teacher"] / "model.pt")
     assert meta["classes"] == split["teacher_classes"]

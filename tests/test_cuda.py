@@ -110,7 +110,7 @@ def _assert_states_close(name, ref: dict, other: dict, rel=1e-2, floor=1e-3):
 
 
 def _compare_one_step(name, amp, loss_tol, grad_tol):
-    from refilled.step import TrainStep
+    from refilled.training.step import TrainStep
 
     data = _batches(1)
     eager_m = _method(name)
@@ -159,7 +159,7 @@ def test_graph_step_equals_eager_step_bf16(name):
 def test_graph_training_follows_eager_training_with_lr_changes():
     """Three steps per epoch, two epochs with different lr: graph and eager weights agree;
     an lr of 0 leaves the weights where they are (the tensor lr reaches the graph)."""
-    from refilled.step import TrainStep
+    from refilled.training.step import TrainStep
 
     data = _batches(3)
     for name in ("student", "stage1", "refilled", DROPOUT):
@@ -187,7 +187,7 @@ def test_resume_recaptures_and_continues_like_the_uninterrupted_graph():
     next step captures again from the loaded state; a fresh model and step built from the
     file (a new process resuming) capture once. Both end where an uninterrupted run ends."""
     from refilled.io import load_tensors, save_tensors
-    from refilled.step import TrainStep
+    from refilled.training.step import TrainStep
 
     data = _batches(4)
     straight_m = _method("refilled")
@@ -231,7 +231,7 @@ def test_resume_recaptures_and_continues_like_the_uninterrupted_graph():
 
 
 def test_other_batch_shape_runs_eagerly_and_the_graph_stays_valid_on_cuda():
-    from refilled.step import TrainStep
+    from refilled.training.step import TrainStep
 
     data = _batches(3)
     short = (data[1][0][:B // 2], data[1][1][:B // 2])
@@ -252,7 +252,7 @@ def test_other_batch_shape_runs_eagerly_and_the_graph_stays_valid_on_cuda():
 def test_non_finite_loss_is_flagged_under_capture():
     from refilled.methods.base import Method
     from refilled.models import build_model
-    from refilled.step import NonFiniteLoss, TrainStep
+    from refilled.training.step import NonFiniteLoss, TrainStep
 
     class Exploding(Method):
         def __init__(self, student):
@@ -312,7 +312,7 @@ def test_gpu_random_resized_crop_equals_cpu_and_flips_half():
     mirrored images in the output about half the time. Flips are counted in the output: the
     image is a left-to-right ramp, so a crop keeps the ramp rising and a mirrored one makes it
     fall (4000 images, |flips - 2000| < 4 sd = 126)."""
-    from refilled.augment import random_resized_crop_boxes, random_resized_crop_flip
+    from refilled.data.augment import random_resized_crop_boxes, random_resized_crop_flip
 
     g = torch.Generator().manual_seed(3)
     imgs = torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8, generator=g)
@@ -387,7 +387,7 @@ def test_fit_on_cuda_with_graph_matches_eager_fit_and_resumes():
     from refilled.io import load_tensors
     from refilled.methods.student import Student
     from refilled.models import build_model
-    from refilled.train import OptimConfig, fit
+    from refilled.training.loop import OptimConfig, fit
 
     class Stop(Exception):
         pass

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import refilled.data.datasets as dsmod
+from refilled.data import fashion_mnist
 from refilled.data import (
     DATASETS,
     FASHION_MNIST_MEAN,
@@ -152,11 +152,11 @@ def test_fashion_errors_name_the_file(tmp_path, kind, gz):
 
 
 def test_obtain_fashion_fails_with_instructions(tmp_path, monkeypatch):
-    monkeypatch.setattr(dsmod, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-such-dir")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-such-dir")
 
     def no_network(tmpdir):
         raise OSError("no network")
-    monkeypatch.setattr(dsmod, "_download_fashion_mnist_torchvision", no_network)
+    monkeypatch.setattr(fashion_mnist, "_download_fashion_mnist_torchvision", no_network)
     msg = raises_naming(tmp_path / "data" / "fashion-mnist" / "train-images-idx3-ubyte",
                         obtain_fashion_mnist, tmp_path / "data")
     assert "apt-get install dataset-fashion-mnist" in msg and "no network" in msg
@@ -167,10 +167,10 @@ def test_obtain_fashion_copies_verifies_and_repairs(tmp_path, monkeypatch):
     src = make_fashion_idx(tmp_path / "debian", 2, 1, gz=True)
     digests = {b: __import__("hashlib").sha256(gzip.decompress(src["paths"][b].read_bytes())).hexdigest()
                for b in FASHION_FILES}
-    monkeypatch.setattr(dsmod, "FASHION_MNIST_SHA256", digests)
-    monkeypatch.setattr(dsmod, "DEBIAN_FASHION_MNIST_DIR", src["dir"])
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SHA256", digests)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST_DIR", src["dir"])
     called = []
-    monkeypatch.setattr(dsmod, "_download_fashion_mnist_torchvision", lambda tmpdir: called.append(1))
+    monkeypatch.setattr(fashion_mnist, "_download_fashion_mnist_torchvision", lambda tmpdir: called.append(1))
 
     root = tmp_path / "data"
     d = obtain_fashion_mnist(root)

@@ -97,7 +97,7 @@ def refilled_parser() -> argparse.ArgumentParser:
 
 @cache
 def bench_parser() -> argparse.ArgumentParser:
-    from refilled.bench import add_bench_arguments
+    from refilled.tools.bench import add_bench_arguments
     parser = argparse.ArgumentParser(prog="refilled bench")
     add_bench_arguments(parser)
     return parser

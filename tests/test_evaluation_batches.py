@@ -1,5 +1,5 @@
 """Evaluation is cheaper but computes the same numbers: the batch size of forward passes that
-train nothing (refilled.runs.eval_batch_size) changes no output bit, and the final NCM score
+train nothing (refilled.training.run.eval_batch_size) changes no output bit, and the final NCM score
 reuses the last evaluation's test-set forward only when that forward is of the final model."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import refilled.runs
+import refilled.training.run
 from cli_runner import cli
 from cpu_pin import one_cpu  # noqa: F401 (autouse: this module runs on one CPU)
 from fakedata import make_fashion_idx
@@ -44,9 +44,9 @@ SCORES = ("test_acc", "ncm_acc", "train_acc")
 def test_outputs_do_not_depend_on_the_evaluation_batch_size_or_the_reuse(fashion, tmp_path, monkeypatch):
     default = student_run(fashion, tmp_path / "default")
     # the old way: batches of 512 and a fresh test-set forward for the NCM score
-    monkeypatch.setattr(refilled.runs, "eval_batch_size", lambda device: 512)
-    fresh = refilled.runs.Context.test_forward
-    monkeypatch.setattr(refilled.runs.Context, "test_forward", lambda self, model, reuse=False: fresh(self, model))
+    monkeypatch.setattr(refilled.training.run, "eval_batch_size", lambda device: 512)
+    fresh = refilled.training.run.Context.test_forward
+    monkeypatch.setattr(refilled.training.run.Context, "test_forward", lambda self, model, reuse=False: fresh(self, model))
     old = student_run(fashion, tmp_path / "old")
     assert {k: default.get(k) for k in SCORES} == {k: old.get(k) for k in SCORES}
     assert (tmp_path / "default/model.pt").read_bytes() == (tmp_path / "old/model.pt").read_bytes()
@@ -65,16 +65,16 @@ def test_a_forward_gives_the_same_outputs_at_the_evaluation_batch_sizes():
         model = build_model(arch, 5).eval()
         with torch.no_grad():
             outs = {bs: [torch.cat(t) for t in zip(*((o.logits, o.embedding) for o in map(model, x.split(bs))))]
-                    for bs in (512, refilled.runs.eval_batch_size(torch.device("cpu")))}
+                    for bs in (512, refilled.training.run.eval_batch_size(torch.device("cpu")))}
         small, large = outs.values()
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(small, large)), arch
         assert torch.equal(small[0].argmax(1), large[0].argmax(1)), arch
 
 
 def test_the_test_forward_is_reused_only_for_the_same_model_and_when_asked(fashion):
-    spec = refilled.runs.RunSpec(split=Path(fashion["split"]), arch="wrn-10-1", out=Path("unused"), epochs=1,
+    spec = refilled.training.run.RunSpec(split=Path(fashion["split"]), arch="wrn-10-1", out=Path("unused"), epochs=1,
                                  data_root=Path(fashion["root"]), verify_checksums=False, device="cpu")
-    ctx = refilled.runs.Context(spec, "student")
+    ctx = refilled.training.run.Context(spec, "student")
     model = ctx.new_student()
     first = ctx.test_forward(model)
     assert ctx.test_forward(model, reuse=True) is first

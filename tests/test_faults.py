@@ -48,15 +48,15 @@ import torch.nn.functional as F
 import yaml
 
 from fakedata import cifar_pickle, idx_bytes, make_cifar100, make_cub, make_fashion_idx, tiny_dataset, write_maybe_gz
-from refilled.checkpoints import load_model, save_model
+from refilled.training.checkpoints import load_model, save_model
 from refilled.data.batches import Batches, task_split
 from refilled.data.datasets import Dataset
 from refilled.io import CheckpointError, load_tensors, read_json, save_tensors, write_csv, write_json
 from refilled.methods.base import Method
 from refilled.methods.student import Student
 from refilled.models import build_model
-from refilled.step import NonFiniteLoss
-from refilled.train import OptimConfig, fit
+from refilled.training.step import NonFiniteLoss
+from refilled.training.loop import OptimConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -441,7 +441,7 @@ def test_process_killed_while_writing_leaves_no_file_that_looks_complete(tmp_pat
     else:
         assert not target.exists(), "no partial file under the final name"
     # what later steps look at: the completion marker and the run's state
-    from refilled.doctor import scan_runs
+    from refilled.tools.doctor import scan_runs
 
     finished, incomplete, temps = scan_runs(tmp_path)
     assert (run in finished) == (name == "summary.json" and exists)
@@ -475,8 +475,8 @@ def test_failed_rename_leaves_the_old_file_and_no_temporary_file(tmp_path, monke
 def test_summary_json_is_written_last_and_only_for_a_complete_run(fashion, tmp_path, monkeypatch):
     """Disk full while writing summary.json, the completion marker: no summary.json, the run
     stays resumable, and the rerun finishes it without training again."""
-    import refilled.train as train_mod
-    from refilled.runs import RunSpec, train
+    import refilled.training.loop as train_mod
+    from refilled.training.run import RunSpec, train
 
     train_teacher = lambda spec: train(spec, "student", task="teacher")   # what train-teacher runs
 
@@ -491,7 +491,7 @@ def test_summary_json_is_written_last_and_only_for_a_complete_run(fashion, tmp_p
     assert not (out / "summary.json").exists() and not temp_files(out)
     assert (out / "model.pt").exists() and load_tensors(out / "resume.pt")["epoch"] == 2
     rows = read_rows(out / "metrics.csv")
-    from refilled.doctor import run_state, scan_runs
+    from refilled.tools.doctor import run_state, scan_runs
 
     finished, incomplete, _ = scan_runs(tmp_path)
     assert finished == [] and [s.path for s in incomplete] == [out] and run_state(out).last_epoch == 2
@@ -753,14 +753,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
 
 def test_nan_check_interval_comes_from_the_environment_of_each_run(monkeypatch):
     """REFILLED_NAN_CHECK_EVERY is read when a run starts, not at import: the fork server
-    (refilled.forkserver) imports refilled.train long before it knows a job's environment."""
-    import refilled.train
+    (refilled.tools.forkserver) imports refilled.training.loop long before it knows a job's environment."""
+    import refilled.training.loop
 
     monkeypatch.delenv("REFILLED_NAN_CHECK_EVERY", raising=False)
-    assert refilled.train.nan_check_every() == 50
+    assert refilled.training.loop.nan_check_every() == 50
     for value in ("7", "3"):
         monkeypatch.setenv("REFILLED_NAN_CHECK_EVERY", value)
-        assert refilled.train.nan_check_every() == int(value)
+        assert refilled.training.loop.nan_check_every() == int(value)
 
 
 @pytest.mark.slow
@@ -783,11 +783,11 @@ def test_sigterm_mid_epoch_keeps_the_last_epochs_checkpoint_and_resumes_to_the_s
     """SIGTERM delivered during a step of epoch 2: the run stops after that step with exit status
     143, epoch 2 is abandoned (metrics.csv and resume.pt are epoch 1's), the handler that was
     there before comes back, and resuming ends on the uninterrupted run's weights."""
-    import refilled.step
-    import refilled.train
+    import refilled.training.step
+    import refilled.training.loop
 
     steps = len(train_batches(tiny_dataset()))
-    real, calls = refilled.step.TrainStep.step, []
+    real, calls = refilled.training.step.TrainStep.step, []
 
     def step_then_sigterm(self, x, y):
         calls.append(1)
@@ -801,7 +801,7 @@ def test_sigterm_mid_epoch_keeps_the_last_epochs_checkpoint_and_resumes_to_the_s
 
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(refilled.step.TrainStep, "step", step_then_sigterm)
+        m.setattr(refilled.training.step.TrainStep, "step", step_then_sigterm)
         previous = signal.signal(signal.SIGTERM, before)
         try:
             with pytest.raises(SystemExit) as info:
@@ -809,7 +809,7 @@ def test_sigterm_mid_epoch_keeps_the_last_epochs_checkpoint_and_resumes_to_the_s
             handler_after = signal.getsignal(signal.SIGTERM)
         finally:
             signal.signal(signal.SIGTERM, previous)
-    assert info.value.code == refilled.train.TERMINATED_EXIT == 143
+    assert info.value.code == refilled.training.loop.TERMINATED_EXIT == 143
     assert len(calls) == steps + 2, f"{len(calls) - steps - 2} steps ran after SIGTERM"
     assert handler_after is before, "fit must put back the handler it found"
     assert [int(r["epoch"]) for r in read_rows(run / "metrics.csv")] == [1]
@@ -825,21 +825,21 @@ def test_a_run_killed_after_its_last_epoch_puts_back_the_metrics_snakemake_delet
     job's declared outputs, metrics.csv among them, and resume.pt stays. The job started again has
     no epoch left to train; it must write metrics.csv back from the checkpoint (before this, the
     run failed reading it for its validation epoch: found by scripts/chaos.py)."""
-    import refilled.runs
-    import refilled.train
+    import refilled.training.run
+    import refilled.training.loop
 
     out = tmp_path / "run"
     argv = ["train", "--method", "student", *train_args(fashion, out), "--val-per-class", 1]
     with monkeypatch.context() as m:
-        m.setattr(refilled.runs, "save_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+        m.setattr(refilled.training.run, "save_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
         with pytest.raises(KeyboardInterrupt):
             cli(argv)
     rows = read_rows(out / "metrics.csv")
     assert load_tensors(out / "resume.pt")["epoch"] == 2 and not (out / "summary.json").exists()
     (out / "metrics.csv").unlink()                      # what Snakemake does to a failed job's outputs
 
-    trained, real = [], refilled.train._train_epoch
-    monkeypatch.setattr(refilled.train, "_train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
+    trained, real = [], refilled.training.loop._train_epoch
+    monkeypatch.setattr(refilled.training.loop, "_train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
     rc, _, err = cli(argv)
     assert rc == 0, err
     assert trained == [] and read_rows(out / "metrics.csv") == rows
@@ -918,7 +918,7 @@ def _evil(path: Path, marker: Path, kind: str) -> Path:
 
 def test_checkpoint_with_a_pickled_payload_is_refused_everywhere(tmp_path):
     """tests/test_cli.py checks teacher and ncm --model files; here: the loaders, resume.pt, doctor."""
-    from refilled.doctor import run_state
+    from refilled.tools.doctor import run_state
 
     marker = tmp_path / "pwned"
     model = _evil(tmp_path / "model.pt", marker, "model")
@@ -996,7 +996,7 @@ def test_checkpoint_with_another_class_count_is_refused_by_the_commands(fashion,
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import refilled.train as train_mod
+    import refilled.training.loop as train_mod
 
     run = tmp_path / "run"
     monkeypatch.setattr(os, "fdopen", FullDisk("resume.pt", nth=2))    # epoch 2's checkpoint
@@ -1044,7 +1044,7 @@ def sick_tree(tmp_path):
 
 
 def doctor(repo: Path, *extra) -> tuple[int, str]:
-    from refilled.doctor import main
+    from refilled.tools.doctor import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -1144,7 +1144,7 @@ def test_doctor_lists_what_a_killed_snakemake_left(sick_tree):
 def test_doctor_help_says_what_the_exit_status_means(capsys):
     import argparse
 
-    from refilled.doctor import add_doctor_parser
+    from refilled.tools.doctor import add_doctor_parser
 
     parser = argparse.ArgumentParser(prog="refilled")
     add_doctor_parser(parser.add_subparsers(dest="command", required=True))

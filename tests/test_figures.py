@@ -1,4 +1,4 @@
-"""What the figures show (src/refilled/figures.py), built from planted run directories.
+"""What the figures show (src/refilled/report/figures.py), built from planted run directories.
 
 Each figure is drawn from metrics.csv, summary.json and lambda_i.csv files written here with
 known numbers; the Figure object is taken where the code saves it, and its plotted data are
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-import refilled.figures as figures
+import refilled.report.figures as figures
 
 matplotlib = pytest.importorskip("matplotlib")
 

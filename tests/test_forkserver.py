@@ -1,4 +1,4 @@
-"""The fork server (refilled.forkserver): a job run through it is the job a fresh process
+"""The fork server (refilled.tools.forkserver): a job run through it is the job a fresh process
 runs (same bytes), a job it must not run is run by the client itself, and killing or
 signalling the `refilled` command reaches the job."""
 
@@ -54,7 +54,7 @@ class RunningServer:
         self.socket = tmp_path / "fs.sock"
         self.log = tmp_path / "fs.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "refilled.forkserver", "--socket", str(self.socket)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "refilled.serve", "--socket", str(self.socket)],
                                          stdout=log, stderr=subprocess.STDOUT, env=job_env(None))
         deadline = time.monotonic() + 120
         while not self.socket.exists():

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 from snakemake_output import job_counts
 
-from refilled.data import datasets
+from refilled.data import fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -22,8 +22,8 @@ BIN = Path(sys.executable).parent
 def fashion_mnist_source(timeout: float = 5.0) -> str | None:
     """Where a fresh clone would get Fashion-MNIST from (as scripts/get_fashion_mnist.sh does):
     Debian's files, else torchvision's download; None where neither is there."""
-    if datasets.DEBIAN_FASHION_MNIST_DIR.is_dir():
-        return f"Debian's files in {datasets.DEBIAN_FASHION_MNIST_DIR}"
+    if fashion_mnist.DEBIAN_FASHION_MNIST_DIR.is_dir():
+        return f"Debian's files in {fashion_mnist.DEBIAN_FASHION_MNIST_DIR}"
     from torchvision.datasets import FashionMNIST
 
     url = urlsplit(FashionMNIST.mirrors[0])
@@ -38,7 +38,7 @@ def test_no_source_is_told_apart_from_debian_files_and_network(tmp_path, monkeyp
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-package")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-package")
     monkeypatch.setattr(socket, "create_connection", offline)
     assert fashion_mnist_source() is None
     monkeypatch.setattr(socket, "create_connection", lambda address, timeout: socket.socket())
@@ -51,7 +51,7 @@ def test_no_source_is_told_apart_from_debian_files_and_network(tmp_path, monkeyp
 @pytest.mark.network
 def test_a_clone_without_data_fetches_fashion_mnist(tmp_path):
     if fashion_mnist_source() is None:
-        pytest.skip(f"no network and no {datasets.DEBIAN_FASHION_MNIST_DIR} (Debian package dataset-fashion-mnist): "
+        pytest.skip(f"no network and no {fashion_mnist.DEBIAN_FASHION_MNIST_DIR} (Debian package dataset-fashion-mnist): "
                     "a fresh clone has nowhere to get Fashion-MNIST from")
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)

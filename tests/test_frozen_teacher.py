@@ -14,7 +14,7 @@ from fakedata import tiny_dataset
 from methods_cases import CASES, build_case
 from refilled.data.batches import Batches, task_split
 from refilled.methods import CATALOG
-from refilled.train import OptimConfig, fit
+from refilled.training.loop import OptimConfig, fit
 
 CPU = torch.device("cpu")
 TEACHER_CASES = [case_id for case_id, name, _ in CASES if CATALOG[name].teacher]

@@ -125,7 +125,7 @@ def _timed_minimum(bench_args: str) -> float:
     step, the reference and (CUDA graph rows, unless --eager no) our eager step for --seconds
     each, and the teacher's forward for half that; each concurrency round times its jobs for
     3 s (the full configuration's default)."""
-    from refilled.bench import full_config, is_target, method_has_teacher
+    from refilled.tools.bench_cases import full_config, is_target, method_has_teacher
 
     words = bench_args.split()
     seconds = float(words[words.index("--seconds") + 1])
@@ -151,12 +151,12 @@ def test_plan_fits_the_budget():
     assert sum(estimates.values()) <= 480 and sum(limits.values()) <= 480
     assert [int(t[3]) for t in table][-1] == 480
     for name in ("bench-targets", "bench-rest"):
-        args = re.search(rf"^  {name}:\s+refilled.bench (.*)$", out, re.M).group(1)
+        args = re.search(rf"^  {name}:\s+refilled.tools.bench (.*)$", out, re.M).group(1)
         timed = _timed_minimum(args)
         assert estimates[name] >= timed, (name, estimates[name], timed)
         assert limits.get(name, 480 - sum(limits.values())) >= timed, name
     # the value stages: the README's target rows with eager timing at 1 s, and one concurrency round
-    targets = re.search(r"^  bench-targets:\s+refilled.bench (.*)$", out, re.M).group(1)
+    targets = re.search(r"^  bench-targets:\s+refilled.tools.bench (.*)$", out, re.M).group(1)
     assert "--part targets" in targets and "--seconds 1" in targets and re.search(r"--concurrent \d+$", targets)
     assert "fits the budget" in out
 

@@ -50,8 +50,8 @@ def test_split_imports_no_torch(tmp_path):
 
 
 def test_table_and_figure_modules_import_no_torch(tmp_path):
-    code = ("import sys, refilled.tables, refilled.figures, refilled.config, refilled.io, refilled.data.splits, "
-            "refilled.finished, refilled.pin; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    code = ("import sys, refilled.report.tables, refilled.report.figures, refilled.experiments.profile, refilled.io, refilled.data.splits, "
+            "refilled.training.finished, refilled.tools.pin; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

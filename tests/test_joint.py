@@ -22,7 +22,7 @@ from refilled.evaluate import harmonic_mean, joint_accuracy, reference_scores
 from refilled.losses import lwf_loss
 from refilled.methods import CATALOG
 from refilled.methods.joint import JointHead
-from refilled.step import TrainStep
+from refilled.training.step import TrainStep
 
 CPU = torch.device("cpu")
 
@@ -212,7 +212,7 @@ def tiny_runs(tmp_path_factory):
 
 
 def test_a_joint_run_never_sees_an_image_outside_C_and_records_its_test_set(tiny_runs, monkeypatch):
-    import refilled.runs as runs
+    import refilled.training.run as runs
 
     root, common = tiny_runs
     split = json.loads((root / "s.json").read_text())
@@ -269,7 +269,7 @@ def test_a_joint_run_is_never_a_plain_run(tiny_runs):
 
 
 def test_reference_scores_the_plain_student_and_the_teacher(tiny_runs):
-    from refilled.checkpoints import load_model
+    from refilled.training.checkpoints import load_model
     from refilled.data import load_dataset
     from refilled.data.batches import task_split
     from refilled.evaluate import forward_all
@@ -375,7 +375,7 @@ def test_a_killed_joint_run_resumes_to_the_same_weights(name, tmp_path):
     """Two epochs straight against a run killed in epoch 2 and the same call again: the joint
     head's weights are in the resume checkpoint with the rest, and the resumed run ends
     bit-identical."""
-    from refilled.train import OptimConfig, fit
+    from refilled.training.loop import OptimConfig, fit
 
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(8, 3, 16, 16, generator=g), torch.arange(4).repeat(2)) for _ in range(3)]

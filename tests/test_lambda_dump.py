@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from cli_runner import cli, ok
 from cpu_pin import one_cpu  # noqa: F401 (autouse: this module runs on one CPU)
 from fakedata import idx_bytes, make_fashion_idx, write_maybe_gz
-from refilled.checkpoints import load_model
+from refilled.training.checkpoints import load_model
 from refilled.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_dataset
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Job phases (refilled.phases) and their sum over a run directory (scripts/job_phases.py)."""
+"""Job phases (refilled.training.phases) and their sum over a run directory (scripts/job_phases.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from refilled.phases import PHASES, Phases, process_start_time
+from refilled.training.phases import PHASES, Phases, process_start_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,10 +23,10 @@ def test_process_start_agrees_with_psutil():
 
 
 def test_a_slot_wait_of_refilled_pin_is_apart_from_startup_and_total(monkeypatch):
-    import refilled.phases
+    import refilled.training.phases
 
-    monkeypatch.setattr(refilled.phases, "_slot_wait", 0.0)
-    refilled.phases.note_slot_wait(1.5)
+    monkeypatch.setattr(refilled.training.phases, "_slot_wait", 0.0)
+    refilled.training.phases.note_slot_wait(1.5)
     phases = Phases(job_start=time.time() - 2.0)
     phases.end_startup()
     rec = phases.record()
@@ -92,13 +92,13 @@ def test_refilled_pin_notes_how_long_it_waited_for_a_slot(tmp_path, monkeypatch)
     import fcntl
     import threading
 
-    import refilled.phases
-    from refilled.pin import HELD_SLOTS, take_slot
+    import refilled.training.phases
+    from refilled.tools.pin import HELD_SLOTS, take_slot
 
-    monkeypatch.setattr(refilled.phases, "_slot_wait", 0.0)
+    monkeypatch.setattr(refilled.training.phases, "_slot_wait", 0.0)
     held = open(tmp_path / "cpu0-x1.lock", "a")
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)          # another job holds the only slot
     threading.Timer(1.5, held.close).start()                   # ... for 1.5 s
     assert take_slot(tmp_path, ["cpu0-x1"]) == 0
     HELD_SLOTS.pop().close()
-    assert 1.0 <= refilled.phases._slot_wait < 5.0
+    assert 1.0 <= refilled.training.phases._slot_wait < 5.0

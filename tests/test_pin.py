@@ -1,4 +1,4 @@
-"""Tests of `refilled pin` (src/refilled/pin.py): GPU slots and CPU pinning through lock files.
+"""Tests of `refilled pin` (src/refilled/tools/pin.py): GPU slots and CPU pinning through lock files.
 
 - Which GPUs are shared: CUDA_VISIBLE_DEVICES wins when set; an explicit --gpus that
   disagrees with it is a one-line error (exit 2, both numbers named), never a traceback.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from refilled.pin import PinError, count_gpus, gpu_ids, visible_gpus
+from refilled.tools.pin import PinError, count_gpus, gpu_ids, visible_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -157,8 +157,8 @@ def test_bad_gpu_counts_are_errors():
 
 
 def test_pin_module_does_not_import_torch():
-    """The Snakefile imports count_gpus from refilled.pin: that must stay cheap."""
-    code = "import sys, refilled.pin; print('torch' in sys.modules)"
+    """The Snakefile imports count_gpus from refilled.tools.pin: that must stay cheap."""
+    code = "import sys, refilled.tools.pin; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 

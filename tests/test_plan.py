@@ -1,5 +1,5 @@
-"""`refilled plan`: the runs a profile's targets need (refilled.grid), their SGD steps, images,
-FLOPs (refilled.flops, the committed flops.csv) and model.pt bytes, checked against independent
+"""`refilled plan`: the runs a profile's targets need (refilled.experiments.grid), their SGD steps, images,
+FLOPs (refilled.tools.flops, the committed flops.csv) and model.pt bytes, checked against independent
 computations: steps by hand from the profile's numbers and by iterating the real training
 loader, FLOPs of a tiny network by hand, the committed table by recounting, checkpoint sizes by
 saving a model, and the run count against Snakemake's own dry run."""
@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 
 
 def plan_rows(profile: str, targets=()) -> dict:
-    from refilled.plan import build_plan
+    from refilled.tools.plan import build_plan
 
     return build_plan(ROOT, profile, list(targets), [], 2, 4.0)
 
@@ -50,7 +50,7 @@ def test_smoke_student_with_validation_split_by_hand():
     # other 12, h = 5: 40 images, batch 8: 5 steps; stage 2 runs 1 epoch; evaluation every
     # epoch (validation) over 5 x 10 test + 5 x 4 validation images, then the final NCM pass
     # over the 40 training and 50 test images
-    from refilled.flops import Costs, load_table
+    from refilled.tools.flops import Costs, load_table
 
     plan = plan_rows("smoke", ["results/table2.csv"])
     row = one_run(plan, "students/table2/r0.6/wrn-10-1/seed0/refilled_lam2")
@@ -62,10 +62,10 @@ def test_smoke_student_with_validation_split_by_hand():
 
 
 def test_fewer_images_than_a_batch_is_one_step():
-    from refilled.flops import load_table
-    from refilled.config import load_profile
-    from refilled.grid import student_run
-    from refilled.plan import run_plan
+    from refilled.tools.flops import load_table
+    from refilled.experiments.profile import load_profile
+    from refilled.experiments.grid import student_run
+    from refilled.tools.plan import run_plan
 
     cfg = copy.deepcopy(load_profile(ROOT, "smoke"))
     cfg["experiments"]["table1"]["per_class"] = 2          # 4 classes x 2 = 8 images < batch 16
@@ -76,10 +76,10 @@ def test_fewer_images_than_a_batch_is_one_step():
 def test_validation_images_come_out_of_the_pool():
     # smoke table2 with every image of the pool: 16 per class, 4 of them held out for
     # validation, so 5 x 12 = 60 training images, batch 8: 7 steps of 8 images
-    from refilled.flops import load_table
-    from refilled.config import load_profile
-    from refilled.grid import student_run
-    from refilled.plan import run_plan
+    from refilled.tools.flops import load_table
+    from refilled.experiments.profile import load_profile
+    from refilled.experiments.grid import student_run
+    from refilled.tools.plan import run_plan
 
     cfg = copy.deepcopy(load_profile(ROOT, "smoke"))
     cfg["experiments"]["table2"]["per_class"] = None
@@ -93,7 +93,7 @@ def test_steps_per_epoch_is_what_the_training_loader_yields(n, batch):
 
     from refilled.data.batches import Batches, TaskSplit
     from refilled.data.datasets import ArraySplit, Dataset
-    from refilled.plan import steps_per_epoch
+    from refilled.tools.plan import steps_per_epoch
 
     source = ArraySplit(torch.zeros(n, 3, 32, 32, dtype=torch.uint8), torch.arange(n) % 2)
     split = TaskSplit(source, torch.arange(n), source.labels, [0, 1])
@@ -111,7 +111,7 @@ def test_flop_counter_on_a_tiny_net_by_hand():
     import torch
     from torch import nn
 
-    from refilled.flops import flop_counter
+    from refilled.tools.flops import flop_counter
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
@@ -135,7 +135,7 @@ SMALL = [("wrn-10-1", 32), ("wrn-16-1", 32), ("mobilenet-0.25", 32), ("mobilenet
 
 @pytest.mark.parametrize("arch,px", SMALL, ids=lambda x: str(x))
 def test_committed_flops_table_matches_a_recount(arch, px):
-    from refilled.flops import load_table, row
+    from refilled.tools.flops import load_table, row
 
     assert load_table()[(arch, px)] == row(arch, px)
 
@@ -143,7 +143,7 @@ def test_committed_flops_table_matches_a_recount(arch, px):
 def test_wrn_forward_flops_by_hand():
     """WRN-(10,1) at 32 px, every convolution and the head written out (pre-activation, 1x1
     shortcut where the shape changes): an independent check of the committed numbers."""
-    from refilled.flops import Costs, load_table
+    from refilled.tools.flops import Costs, load_table
 
     def conv(cin, cout, k, side):
         return 2 * side * side * cout * cin * k * k
@@ -157,9 +157,9 @@ def test_wrn_forward_flops_by_hand():
 
 
 def test_every_profile_architecture_is_in_the_table():
-    from refilled.config import load_profile
-    from refilled.flops import load_table
-    from refilled.plan import DATASETS
+    from refilled.experiments.profile import load_profile
+    from refilled.tools.flops import load_table
+    from refilled.tools.plan import DATASETS
 
     table = load_table()
     for path in sorted((ROOT / "config").glob("*.yaml")):
@@ -171,8 +171,8 @@ def test_every_profile_architecture_is_in_the_table():
 
 
 def test_checkpoint_bytes_match_a_saved_model(tmp_path):
-    from refilled.checkpoints import save_model
-    from refilled.flops import Costs, load_table
+    from refilled.training.checkpoints import save_model
+    from refilled.tools.flops import Costs, load_table
     from refilled.models import build_model
 
     for arch, classes in (("wrn-10-1", 5), ("mobilenet-0.25", 50)):
@@ -184,7 +184,7 @@ def test_checkpoint_bytes_match_a_saved_model(tmp_path):
 
 def test_dataset_sizes_are_the_official_ones():
     from refilled.data.check import OFFICIAL_COUNTS
-    from refilled.plan import DATASETS
+    from refilled.tools.plan import DATASETS
 
     for name, d in DATASETS.items():
         c = OFFICIAL_COUNTS[name]
@@ -197,9 +197,9 @@ def test_dataset_sizes_are_the_official_ones():
 def test_wall_time_waits_for_inputs_and_fills_slots():
     """A teacher (10 s); stage 1 reads it (5 s), stage 2 reads stage 1 (5 s); a plain student of
     another table reads nothing (3 s)."""
-    from refilled.config import load_profile
-    from refilled.grid import closure, student_run
-    from refilled.plan import wall_seconds
+    from refilled.experiments.profile import load_profile
+    from refilled.experiments.grid import closure, student_run
+    from refilled.tools.plan import wall_seconds
 
     cfg = load_profile(ROOT, "smoke")
     runs = closure(cfg, [student_run(cfg, "table1", 0, "mobilenet-0.25", 0, "refilled"),
@@ -247,8 +247,8 @@ def test_plan_imports_no_torch_and_writes_csv(tmp_path):
 
 def test_plan_gpu_time_from_a_bench_file(tmp_path):
     """A GPU bench row: time = FLOPs / (img/s x the step's FLOPs per image)."""
-    from refilled.flops import Costs, load_table
-    from refilled.plan import BENCH_CLASSES
+    from refilled.tools.flops import Costs, load_table
+    from refilled.tools.plan import BENCH_CLASSES
 
     bench = tmp_path / "bench.csv"
     bench.write_text("method,student,teacher,px,jobs,ours_img_s,device\n"
@@ -268,8 +268,8 @@ def test_plan_gpu_time_from_a_bench_file(tmp_path):
 
 def test_cpu_rate_follows_the_jobs_threads(tmp_path):
     """A bench row measured with 2 threads; smoke's jobs run on 1 core each: half the rate."""
-    from refilled.flops import Costs, load_table
-    from refilled.plan import BENCH_CLASSES
+    from refilled.tools.flops import Costs, load_table
+    from refilled.tools.plan import BENCH_CLASSES
 
     bench = tmp_path / "bench.csv"
     bench.write_text("method,student,teacher,px,jobs,ours_img_s,device\nstudent,wrn-10-1,,32,1,500,cpu (2 threads)\n")

@@ -404,7 +404,7 @@ def test_pin_inside_an_allocation_keeps_the_gpu_slurm_gave(cluster, tmp_path):
 def test_pin_in_a_slurm_job_without_gpus_takes_none_of_the_nodes(monkeypatch):
     """Without GPUs from Slurm (no CUDA_VISIBLE_DEVICES in a job), `--gpus auto` must not count
     the node's GPUs with nvidia-smi: they are other jobs'. Outside Slurm it still does."""
-    from refilled import pin
+    from refilled.tools import pin
 
     monkeypatch.setattr(pin, "_nvidia_smi_count", lambda: 4)
     assert pin.gpu_ids("auto", {"SLURM_JOB_ID": "7"}) == []

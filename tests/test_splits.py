@@ -83,3 +83,33 @@ def test_every_class_at_ratio_one_is_standard_kd_and_nothing_else_fits():
         make_split("fashion-mnist", 0.9, 3, 10)
     with pytest.raises(SplitError, match="between 1 and 10"):
         make_split("fashion-mnist", 1, 3, 11)
+
+
+def test_the_profile_check_and_the_split_command_refuse_the_same_tasks():
+    """The split rule's limit decides both: for every h and whole ratio on Fashion-MNIST (10
+    classes), the profile check reports experiments.table1.ratios[0] exactly where make_split
+    refuses, and both refuse exactly where the two tasks' union needs more than 10 classes."""
+    import copy
+    from pathlib import Path
+
+    from refilled.experiments.profile import ConfigError, check_semantics, load_profile
+
+    base = load_profile(Path(__file__).resolve().parents[1], "smoke")
+    for h in range(1, 11):
+        for k in range(h + 1):
+            ratio = k / h
+            union = set(range(h)) | set(range(h - k, 2 * h - k))   # teacher pi[0:h], student pi[h-k:2h-k]
+            try:
+                make_split("fashion-mnist", ratio, 0, h)
+                split_refuses = False
+            except SplitError:
+                split_refuses = True
+            cfg = copy.deepcopy(base)
+            cfg["experiments"]["table1"].update(dataset="fashion-mnist", classes_per_task=h, ratios=[ratio])
+            try:
+                check_semantics(cfg, "planted.yaml")
+                message = ""
+            except ConfigError as exc:
+                message = str(exc)
+            profile_refuses = "experiments.table1.ratios[0]" in message and "needs" in message
+            assert split_refuses == profile_refuses == (len(union) > 10), (h, k, message)

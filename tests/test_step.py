@@ -12,8 +12,8 @@ from refilled.data.batches import Batches, task_split
 from refilled.methods.base import Method
 from refilled.methods.student import Student
 from refilled.models import build_model
-from refilled.step import NonFiniteLoss, TrainStep, graph_mode_from_env
-from refilled.train import OptimConfig, fit
+from refilled.training.step import NonFiniteLoss, TrainStep, graph_mode_from_env
+from refilled.training.loop import OptimConfig, fit
 from host_sync import OpRecorder
 from methods_cases import CASE_IDS, build_case
 
@@ -418,7 +418,7 @@ def test_failed_capture_restores_the_state_runs_eagerly_and_disables_capture(mon
     capture (weights, BN statistics, momentum buffers, accumulators and the dropout RNG
     restored), so the run equals an eager run exactly; capture is then off for the process,
     so a second step object does not try it; the record says so."""
-    import refilled.step as step_mod
+    import refilled.training.step as step_mod
 
     fake = FailingCuda()
     monkeypatch.setattr(step_mod, "cuda_api", fake)

@@ -1,4 +1,4 @@
-"""The supplement's tables as data: every cell of src/refilled/supplement_tables.csv is found
+"""The supplement's tables as data: every cell of src/refilled/report/supplement_tables.csv is found
 where it should be in the supplement's own text, and every number of the text's tables is in
 the CSV. The repository does not ship the paper's text: the two transcription tests read it from
 ../shared/paper/refilled-supplement.txt beside the repository (present in CI) and skip elsewhere."""
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from refilled import supplement
+from refilled.report import supplement
 from refilled.methods import CATALOG
 
 SUPPLEMENT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "paper" / "refilled-supplement.txt"

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from refilled.config import load_profile
+from refilled.experiments.profile import load_profile
 from refilled.methods import CATALOG
 from refilled.methods.fitnet import build_regressor
 from refilled.models import build_model
-from refilled.tables import TableError, write_table
+from refilled.report.tables import TableError, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = sorted({(p, load_profile(ROOT, p)["experiments"]["table3"]["teacher"]["arch"], s)

@@ -13,7 +13,7 @@ from refilled.evaluate import accuracy
 from refilled.io import load_tensors
 from refilled.methods.student import Student
 from refilled.models import build_model
-from refilled.train import OptimConfig, fit, lr_at
+from refilled.training.loop import OptimConfig, fit, lr_at
 
 CPU = torch.device("cpu")
 

@@ -306,7 +306,7 @@ def test_unknown_profile_and_unknown_config_key_are_named(workflow_copy):
 
 def test_shipped_profiles_are_valid_and_differ_in_numbers_only():
     sys.path.insert(0, str(ROOT / "src"))
-    from refilled.config import load_profile
+    from refilled.experiments.profile import load_profile
 
     shapes = {}
     for name in ("smoke", "demo", "gpu", "paper", "claims"):
@@ -681,7 +681,7 @@ def test_smoke_every_table_and_figure_exists(smoke_clone):
 
 @pytest.mark.slow
 def test_smoke_training_jobs_ran_in_the_fork_server_which_then_stopped(smoke_clone):
-    """A local run's training jobs go through refilled.forkserver (none refused), and the
+    """A local run's training jobs go through refilled.tools.forkserver (none refused), and the
     server ends with Snakemake, leaving no socket."""
     repo = smoke_clone["repo"]
     log = (repo / ".snakemake" / "refilled-forkserver.log").read_text()
@@ -855,7 +855,7 @@ def test_smoke_reproduction_report_orders_our_table_means(smoke_clone):
     a (10,1) teacher), and each block's order is that of our long CSV's means (one seed: the
     values themselves)."""
     sys.path.insert(0, str(ROOT / "src"))
-    from refilled.reproduction import paper_counterpart
+    from refilled.report.reproduction import paper_counterpart
 
     repo = smoke_clone["repo"]
     cfg = profile("smoke")
@@ -897,7 +897,7 @@ def test_smoke_claims_target_traces_every_comparison_to_the_tables(smoke_clone):
         assert r["verdict"] == "inconclusive" and r["ci_low"] == ""       # one seed: no interval
     assert {r["claim"] for r in rows} == set("abcde")
     sys.path.insert(0, str(ROOT / "src"))
-    from refilled.config import gain_points
+    from refilled.experiments.profile import gain_points
 
     sweep = cfg["gain_vs_data"]
     points = gain_points(cfg)

@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     claims = sub.add_parser("claims", help="test the supplement's claims over seeds: verdicts in CSV and Markdown",
                             description="Paired per-seed differences, 95% Student-t intervals and a verdict (holds / "
-                                        "fails / inconclusive) per comparison, by the rules of refilled.claims (and "
+                                        "fails / inconclusive) per comparison, by the rules of refilled.report.claims (and "
                                         "docs/claims.md). Inputs are the workflow's tables and run summaries.")
     claims.add_argument("--table", nargs=2, action="append", default=[], metavar=("N", "LONG_CSV"),
                         help="claims (a), (b): table N (1 or 2) and its long CSV; repeatable")
@@ -286,13 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     gain.add_argument("--out", required=True, type=Path, help="CSV")
     gain.add_argument("--figure", required=True, type=Path, help="output path without suffix (.png and .pdf)")
     gain.set_defaults(func=cmd_gain)
-    from refilled.doctor import add_doctor_parser
-    from refilled.plan import add_plan_parser
-    from refilled.results import add_results_parsers
+    from refilled.tools.doctor import add_doctor_parser
+    from refilled.tools.plan import add_plan_parser
+    from refilled.report.results import add_results_parsers
 
-    # refilled.bench imports torch: its own parser (`refilled bench --help`) is built only when it runs
+    # refilled.tools.bench imports torch: its own parser (`refilled bench --help`) is built only when it runs
     sub.add_parser("bench", add_help=False, help="images/s of our training step against a reference-style pipeline "
-                                                 "(refilled bench --help)")   # main() hands it to refilled.bench
+                                                 "(refilled bench --help)")   # main() hands it to refilled.tools.bench
     add_doctor_parser(sub)
     add_plan_parser(sub)
     add_results_parsers(sub)
@@ -349,7 +349,7 @@ def _add_joint_args(p: argparse.ArgumentParser) -> None:
 
 
 def _joint_spec(args):
-    from refilled.runs import JointSpec
+    from refilled.training.run import JointSpec
 
     if getattr(args, "joint_head", None) is None:
         return None
@@ -383,7 +383,7 @@ def _overrides(args) -> dict:
 
 def cmd_train(args) -> int:
     from refilled.methods import get
-    from refilled.runs import RunSpec, train
+    from refilled.training.run import RunSpec, train
 
     entry = get(args.method)
     overrides = _overrides(args)
@@ -408,7 +408,7 @@ def _joint_text(j: dict) -> str:
 
 
 def cmd_joint_reference(args) -> int:
-    from refilled.runs import JointSpec, RunSpec, joint_reference
+    from refilled.training.run import JointSpec, RunSpec, joint_reference
 
     spec = RunSpec(split=args.split, arch="", out=args.out, epochs=1, seed=args.seed, data_root=Path(args.data_root),
                    verify_checksums=not args.no_checksum, device=args.device, profile=args.profile,
@@ -437,39 +437,14 @@ def cmd_methods(args) -> int:
 
 
 def cmd_ncm(args) -> int:
-    import torch
-
-    from refilled.checkpoints import load_model
-    from refilled.data import load_dataset
-    from refilled.data.batches import Batches, task_split
-    from refilled.evaluate import forward_all, ncm_accuracy
-    from refilled.runs import read_split
     from refilled.io import write_json
-    from refilled.models import build_model
-    from refilled.train import resolve_device, set_cpu_threads
+    from refilled.training.ncm import ncm_score
 
-    set_cpu_threads()
-    device = resolve_device(args.device)
-    split = read_split(args.split)
-    dataset = load_dataset(split["dataset"], args.data_root, verify_checksums=not args.no_checksum)
-    classes = split[f"{args.task}_classes"]
-    train_b = Batches(task_split(dataset.train, classes, args.per_class, args.seed), dataset, 512, False, device)
-    test_b = Batches(task_split(dataset.test, classes), dataset, 512, False, device)
-    if args.model:
-        model, meta = load_model(args.model, device=device)
-        source = {"model": str(args.model), "arch": meta["arch"], "trained_on": meta.get("classes")}
-    else:
-        torch.manual_seed(args.seed)
-        model = build_model(args.random_init, len(split[f"{args.task}_classes"])).to(device)
-        source = {"random_init": args.random_init, "seed": args.seed}
-    tr = forward_all(model, train_b, device)
-    te = forward_all(model, test_b, device)
-    acc = ncm_accuracy(tr[1], tr[2], te[1], te[2], len(split[f"{args.task}_classes"]))
-    result = {"ncm_acc": acc, "task": args.task, "seed": args.seed, "classes": split[f"{args.task}_classes"], **source,
-              "split": str(args.split), "per_class": args.per_class, "n_train": len(tr[2]), "n_test": len(te[2])}
+    result = ncm_score(args.split, args.data_root, args.task, args.per_class, args.seed, args.device,
+                       model_path=args.model, random_init=args.random_init, verify_checksums=not args.no_checksum)
     if args.out:
         write_json(args.out, result)
-    print(f"NCM accuracy on the {args.task} classes {result['classes']}: {acc:.4f}")
+    print(f"NCM accuracy on the {args.task} classes {result['classes']}: {result['ncm_acc']:.4f}")
     return 0
 
 
@@ -483,13 +458,13 @@ def cmd_prepare_data(args) -> int:
 
 
 def _cmd_pin(args) -> int:
-    from refilled.pin import cmd_pin
+    from refilled.tools.pin import cmd_pin
 
-    return cmd_pin(args)
+    return cmd_pin(args, main)
 
 
 def cmd_table(args) -> int:
-    from refilled.tables import write_table, write_table_h
+    from refilled.report.tables import write_table, write_table_h
 
     if args.table == "h":
         if not args.grid or args.ratios or args.columns:
@@ -507,7 +482,7 @@ def cmd_table(args) -> int:
 
 
 def cmd_lambda_auc(args) -> int:
-    from refilled.tables import write_lambda_auc
+    from refilled.report.tables import write_lambda_auc
 
     rows = write_lambda_auc(args.runs, args.out)
     for r in rows:
@@ -516,7 +491,7 @@ def cmd_lambda_auc(args) -> int:
 
 
 def cmd_figure(args) -> int:
-    from refilled.figures import FIGURES
+    from refilled.report.figures import FIGURES
 
     paths = FIGURES[args.figure](args.runs, args.out)
     print("wrote " + ", ".join(map(str, paths)))
@@ -524,7 +499,7 @@ def cmd_figure(args) -> int:
 
 
 def cmd_claims(args) -> int:
-    from refilled.claims import ClaimsError, combine, evaluate_claims, write_claims
+    from refilled.report.claims import ClaimsError, combine, evaluate_claims, write_claims
 
     tables = {}
     for number, path in args.table:
@@ -539,7 +514,7 @@ def cmd_claims(args) -> int:
 
 
 def cmd_reproduction(args) -> int:
-    from refilled.reproduction import write_reproduction
+    from refilled.report.reproduction import write_reproduction
 
     tables = [(n, Path(path), dataset, students.split(",")) for n, path, dataset, students in args.table]
     values, orders = write_reproduction(tables, args.out, args.markdown)
@@ -548,7 +523,7 @@ def cmd_reproduction(args) -> int:
 
 
 def cmd_gain(args) -> int:
-    from refilled.gain import write_gain
+    from refilled.report.gain import write_gain
 
     rows = write_gain(args.summaries, args.teacher_ncm, args.reference, args.out, args.figure)
     print(f"gain vs data: {len(rows)} rows in {args.out}")
@@ -557,9 +532,9 @@ def cmd_gain(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The `refilled` command. Called without `argv` (the command line), it runs in the fork
-    server's warm process where a local Snakemake run offers one (`refilled.forkserver`)."""
+    server's warm process where a local Snakemake run offers one (`refilled.tools.forkserver`)."""
     if argv is None:
-        from refilled.forkserver import run_via_server
+        from refilled.tools.forkserver import run_via_server
 
         code = run_via_server(sys.argv[1:])
         if code is not None:
@@ -569,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        from refilled.bench import main as bench_main
+        from refilled.tools.bench import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)

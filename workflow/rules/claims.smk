@@ -1,7 +1,7 @@
 # Stage: claims. The supplement's claims tested over seeds (results/claims.{csv,md}, by the
-# rules of refilled.claims) and the gain-vs-data sweep (profile key gain_vs_data; its points
+# rules of refilled.report.claims) and the gain-vs-data sweep (profile key gain_vs_data; its points
 # are the experiments gain_n<N>, or the base experiment's own runs at its per_class: see
-# refilled.config.gain_points; all trained by the ordinary train rule). `snakemake claims`.
+# refilled.experiments.profile.gain_points; all trained by the ordinary train rule). `snakemake claims`.
 
 
 rule teacher_ncm:

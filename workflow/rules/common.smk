@@ -12,14 +12,15 @@ from snakemake.exceptions import WorkflowError
 
 BASE = Path(workflow.basedir)
 sys.path.insert(0, f"{BASE}/src")
-from refilled import forkserver, grid  # noqa: E402
-from refilled.archs import ARCH_PATTERN  # noqa: E402
-from refilled.grid import JOINT, REFERENCE_RUN, STUDENT_RUN, TEACHER_RUN  # noqa: E402
-from refilled.config import ConfigError, fmt, k_hat_value, load_profile, method_values  # noqa: E402
+from refilled.experiments import grid  # noqa: E402
+from refilled.tools import forkserver  # noqa: E402
+from refilled.models.archs import ARCH_PATTERN  # noqa: E402
+from refilled.experiments.grid import JOINT, REFERENCE_RUN, STUDENT_RUN, TEACHER_RUN  # noqa: E402
+from refilled.experiments.profile import ConfigError, fmt, k_hat_value, load_profile, method_values  # noqa: E402
 from refilled.methods import CATALOG  # noqa: E402
 from refilled.methods.catalog import TEACHER_METHOD  # noqa: E402
-from refilled.pin import count_gpus  # noqa: E402
-from refilled.reproduction import paper_counterpart  # noqa: E402
+from refilled.tools.pin import count_gpus  # noqa: E402
+from refilled.report.reproduction import paper_counterpart  # noqa: E402
 
 
 # ---- configuration: params.yaml (profile name) -> config/<profile>.yaml, validated ----
@@ -53,7 +54,7 @@ RUNS = f"results/runs/{PROFILE}"            # run directories: metrics.csv, mode
 LOGS = f"results/logs/{PROFILE}"
 BENCH = f"results/benchmarks/{PROFILE}"
 # run directory patterns (tag: the swept hyper-parameters; joint: "-joint" for a Table H run) from
-# refilled.grid, which also enumerates the runs each table and figure needs (below, and `refilled plan`)
+# refilled.experiments.grid, which also enumerates the runs each table and figure needs (below, and `refilled plan`)
 RUN_FILES = ("summary.json", "model.pt", "metrics.csv")                    # what every run declares
 
 
@@ -62,7 +63,7 @@ GPUS = P["gpus"]                       # passed to `refilled pin` (auto: counted
 SLOTS = P["gpu_slots_per_gpu"]
 N_GPUS = count_gpus("auto") if GPUS == "auto" else int(GPUS)
 
-# ---- a warm `refilled` for the jobs of a local run (refilled.forkserver; the Snakefile's onstart) ----
+# ---- a warm `refilled` for the jobs of a local run (refilled.tools.forkserver; the Snakefile's onstart) ----
 # It saves each training job the seconds of importing torch; results are those of a fresh process.
 # Off with `--config forkserver=off`; never on a cluster (the jobs run elsewhere).
 _FORKSERVER_SETTING = str(config.get("forkserver", "on")).lower()
@@ -182,7 +183,7 @@ def common_args(exp, run=None, recipe=None):
             + f"--eval-every {every} --device {P['device']} --profile {PROFILE}")
 
 
-# ---- the runs behind each table and figure (refilled.grid) ----
+# ---- the runs behind each table and figure (refilled.experiments.grid) ----
 def table_methods(exp):
     return grid.table_methods(P, exp)
 

@@ -4,17 +4,19 @@ The names below are loaded on first use (PEP 562), so that importing a torch-fre
 such as `refilled.data.splits` (the `split` command, the Snakefile) does not import torch.
 """
 
-import importlib
+from refilled import lazy_names
 
 _WHERE = {
     **dict.fromkeys(("OFFICIAL_COUNTS", "check_dataset", "format_summary"), "refilled.data.check"),
     "DataError": "refilled.data.errors",
-    **dict.fromkeys((
-        "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN",
-        "FASHION_MNIST_SHA256", "FASHION_MNIST_STD", "HOW_TO_OBTAIN", "IMAGENET_MEAN", "IMAGENET_STD",
-        "ArraySplit", "Dataset", "FileImageDataset", "FileSplit", "cub_transforms",
-        "dataset_dir", "decode_image", "load_dataset", "obtain_fashion_mnist",
-    ), "refilled.data.datasets"),
+    **dict.fromkeys(("DATASETS", "HOW_TO_OBTAIN", "ArraySplit", "Dataset", "FileSplit", "dataset_dir"),
+                    "refilled.data.datasets"),
+    **dict.fromkeys(("FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_SHA256", "FASHION_MNIST_STD",
+                     "obtain_fashion_mnist"), "refilled.data.fashion_mnist"),
+    **dict.fromkeys(("CIFAR100_MEAN", "CIFAR100_STD"), "refilled.data.cifar100"),
+    **dict.fromkeys(("IMAGENET_MEAN", "IMAGENET_STD", "FileImageDataset", "cub_transforms", "decode_image"),
+                    "refilled.data.cub200"),
+    "load_dataset": "refilled.data.loading",
 }
 
 __all__ = [
@@ -26,14 +28,4 @@ __all__ = [
     "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 
-
-def __getattr__(name):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

@@ -3,7 +3,7 @@
 In-memory datasets (Fashion-MNIST, CIFAR-100) stay uint8 on the training device and are
 augmented batch-wise there (random crop from a zero-padded image, horizontal flip), so
 the CPU and CUDA paths run the same code. CUB (files) on CUDA: decoded once into a uint8
-cache (`refilled.augment`, stored in `refilled.augment.default_cache_dir()`) and augmented
+cache (`refilled.data.augment`, stored in `refilled.data.augment.default_cache_dir()`) and augmented
 batch-wise on the GPU (RandomResizedCrop + flip; Resize + CenterCrop for evaluation); on
 the CPU, by default, per-image PIL transforms through a DataLoader (``gpu_augment=True``
 takes the cached path there too).
@@ -18,12 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from refilled.data.datasets import ArraySplit, Dataset, FileImageDataset, FileSplit, cub_transforms
+from refilled.data.cub200 import FileImageDataset, cub_transforms
+from refilled.data.datasets import ArraySplit, Dataset, FileSplit
 from refilled.data.splits import indices_digest, subsample_per_class
-
-
-def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + stream)
+from refilled.data.streams import epoch_generator
 
 
 @dataclass
@@ -104,7 +102,7 @@ class Batches:
             self.images = split.source.images[split.indices].to(self.device)
             self.labels = split.labels.to(self.device)
         elif (self.device.type == "cuda") if gpu_augment is None else gpu_augment:
-            from refilled import augment
+            from refilled.data import augment
 
             self.cached = augment.cached_file_batches(
                 split, dataset, batch_size, train, self.device, seed, cache_dir=cache_dir or augment.default_cache_dir(),

@@ -7,15 +7,9 @@ from typing import Any
 
 import torch
 
-from refilled.data.datasets import (
-    ArraySplit,
-    DataError,
-    FileSplit,
-    _error,
-    dataset_dir,
-    decode_image,
-    load_dataset,
-)
+from refilled.data.cub200 import decode_image
+from refilled.data.datasets import ArraySplit, DataError, FileSplit, _error, dataset_dir
+from refilled.data.loading import load_dataset
 
 # Sizes of the official releases, reported next to what was found (tiny test copies differ).
 OFFICIAL_COUNTS = {

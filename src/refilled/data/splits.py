@@ -66,15 +66,28 @@ def valid_ratios(classes_per_task: int) -> list[float]:
     return [k / classes_per_task for k in range(classes_per_task + 1)]
 
 
-def shared_class_count(ratio: float, classes_per_task: int) -> int:
+def shared_classes(ratio: float, classes_per_task: int) -> int | None:
+    """r * h if it is a whole number in [0, h] (the split rule's condition), else None."""
     shared = Fraction(ratio).limit_denominator(10_000) * classes_per_task
-    if shared.denominator != 1 or not 0 <= shared <= classes_per_task:
+    return int(shared) if shared.denominator == 1 and 0 <= shared <= classes_per_task else None
+
+
+def classes_needed(classes_per_task: int, shared: int) -> int:
+    """Classes the teacher's and the student's tasks cover together, 2h - r*h: the split rule's
+    limit is that the dataset has that many (h <= N/2 for every ratio; h = N with r = 1 is
+    standard KD, Table 3, where both tasks are every class)."""
+    return 2 * classes_per_task - shared
+
+
+def shared_class_count(ratio: float, classes_per_task: int) -> int:
+    shared = shared_classes(ratio, classes_per_task)
+    if shared is None:
         allowed = ", ".join(f"{r:g}" for r in valid_ratios(classes_per_task))
         raise SplitError(
             f"ratio {ratio:g} does not give a whole number of shared classes with "
             f"{classes_per_task} classes per task; valid ratios: {allowed}"
         )
-    return int(shared)
+    return shared
 
 
 def class_permutation(num_classes: int, seed: int) -> list[int]:
@@ -127,9 +140,9 @@ def make_split(dataset: str, ratio: float, seed: int, classes_per_task: int | No
     if not 1 <= h <= n:
         raise SplitError(f"classes_per_task {h} must be between 1 and {n} for {dataset} ({n} classes)")
     shared = shared_class_count(ratio, h)
-    if 2 * h - shared > n:   # h = n with r = 1 is standard KD (Table 3): both tasks are every class
+    if classes_needed(h, shared) > n:
         raise SplitError(f"classes_per_task {h} at ratio {ratio:g}: teacher and student together need "
-                         f"{2 * h - shared} classes, {dataset} has {n} (h <= {n // 2} for every ratio, or r = 1)")
+                         f"{classes_needed(h, shared)} classes, {dataset} has {n} (h <= {n // 2} for every ratio, or r = 1)")
     pi = authors_class_order(dataset) if class_order == "authors" else class_permutation(n, seed)
     return {
         "dataset": dataset,

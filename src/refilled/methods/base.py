@@ -12,7 +12,7 @@ class Method(nn.Module):
 
     Hyper-parameters arrive as keyword arguments, exactly the keys of the method file's
     `HPARAMS` (resolved by the catalog: defaults, the catalog line's preset, the profile and
-    `--set`). Two optional hooks see the run (`refilled.runs.Context`): `prepare` once before
+    `--set`). Two optional hooks see the run (`refilled.training.run.Context`): `prepare` once before
     training (stage 2 computes its class centres there) and `finish` after it (extra output
     files; returns extra summary values).
     """

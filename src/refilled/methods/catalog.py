@@ -155,6 +155,11 @@ def get(name: str) -> Entry:
         raise ParamError(f"unknown method {name!r}; the catalog has: {', '.join(CATALOG)}") from None
 
 
+def applies(method: str, ratio) -> bool:
+    """Whether a method has a cell at this overlap ratio (same classes: r = 1 under the split rule)."""
+    return CATALOG[method].applies_to == "any" or float(ratio) == 1.0
+
+
 def table_methods() -> list[str]:
     """The rows of Tables 1 and 2 by default, in catalog order."""
     return [e.name for e in CATALOG.values() if e.in_tables]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from refilled.data.batches import epoch_generator
+from refilled.data.streams import epoch_generator
 from refilled.evaluate import forward_all, true_class_probability
 from refilled.io import write_csv
 from refilled.losses import local_distillation_loss, teacher_confidence

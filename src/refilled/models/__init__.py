@@ -1,31 +1,21 @@
-"""Model zoo: WRN-depth-width and MobileNet-v1, ours and the authors' (refilled.archs names
-them), all returning :class:`ModelOutput`."""
-from __future__ import annotations
+"""Model zoo: WRN-depth-width and MobileNet-v1, ours and the authors' (refilled.models.archs names
+them), all returning :class:`ModelOutput`.
 
-from torch import nn
+The names below are loaded on first use (PEP 562), so that the architecture names
+(refilled.models.archs: the profile checks, the Snakefile) import no torch.
+"""
 
-from refilled.archs import AUTHORS, AUTHORS_ARCHS, KNOWN_ARCHS, arch_code, parse_arch
+from refilled import lazy_names
 
-from .authors import AuthorsMobileNet, AuthorsWideResNet
-from .mobilenet import MobileNetV1
-from .wrn import ModelOutput, WideResNet
+_WHERE = {
+    **dict.fromkeys(("AUTHORS_ARCHS", "KNOWN_ARCHS", "parse_arch"), "refilled.models.archs"),
+    **dict.fromkeys(("AuthorsMobileNet", "AuthorsWideResNet"), "refilled.models.authors"),
+    "MobileNetV1": "refilled.models.mobilenet",
+    **dict.fromkeys(("ModelOutput", "WideResNet"), "refilled.models.wrn"),
+    "build_model": "refilled.models.build",
+}
 
 __all__ = ["AUTHORS_ARCHS", "KNOWN_ARCHS", "AuthorsMobileNet", "AuthorsWideResNet", "ModelOutput", "MobileNetV1",
            "WideResNet", "build_model", "parse_arch"]
 
-def build_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
-    """The network ``name`` (see :func:`parse_arch`) with a head over ``num_classes``.
-
-    ``dropout``: WRN only, the rate of the dropout between the two convolutions of every
-    block (the authors' 0.3); 0 (default) builds the network without it. MobileNet-v1 has
-    no dropout (neither has the authors' ``networks/mobile_net.py``): a nonzero value for
-    it is a ValueError rather than silently ignored.
-    """
-    family, args = parse_arch(name)
-    authors = arch_code(name) == AUTHORS
-    if family == "wrn":
-        return (AuthorsWideResNet if authors else WideResNet)(*args, num_classes=num_classes, dropout=dropout)
-    if dropout:
-        raise ValueError(f"{name}: MobileNet-v1 has no dropout (the authors' MobileNet has none); "
-                         f"got dropout={dropout}, use 0")
-    return (AuthorsMobileNet if authors else MobileNetV1)(*args, num_classes=num_classes)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

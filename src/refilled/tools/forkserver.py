@@ -52,7 +52,8 @@ IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOTO", "VECLIB_", "NUME
 THREAD_ENV = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 CALL_TIME_ENV = ("CUDA_VISIBLE_DEVICES",)
-PRELOAD = ("torch", "torch._dynamo", "refilled.runs", "refilled.cli", "refilled.pin", "refilled.evaluate")
+PRELOAD = ("torch", "torch._dynamo", "refilled.training.run", "refilled.tools.pin", "refilled.evaluate")   # and the
+# command line, which the server's program (refilled.serve) imports and hands to `Server` as `run`
 _HEADER = struct.Struct("!I")
 
 
@@ -63,7 +64,7 @@ def run_via_server(argv: list[str]) -> int | None:
     path = os.environ.get(SOCKET_ENV)
     if not path or "SLURM_JOB_ID" in os.environ:
         return None
-    from refilled.phases import JOB_START_ENV, process_start_time
+    from refilled.training.phases import JOB_START_ENV, process_start_time
 
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -117,7 +118,7 @@ def start(threads: int, socket_path: str = SOCKET_NAME, log_path: str = ".snakem
         return
     Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        _server = subprocess.Popen([sys.executable, "-m", "refilled.forkserver", "--socket", socket_path,
+        _server = subprocess.Popen([sys.executable, "-m", "refilled.serve", "--socket", socket_path,
                                     "--parent", str(os.getpid())], stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, env={**os.environ, **dict.fromkeys(THREAD_ENV, str(threads))})
 
@@ -154,8 +155,10 @@ def _source_stamps() -> dict[str, int]:
 
 
 class Server:
-    def __init__(self, socket_path: str, parent: int | None):
-        self.socket_path, self.parent = socket_path, parent
+    def __init__(self, socket_path: str, parent: int | None, run):
+        """`run(argv)`: the `refilled` command (refilled.cli.main), handed in by refilled.serve so
+        that this module imports nothing from the layer above it."""
+        self.socket_path, self.parent, self.run = socket_path, parent, run
         self.children: dict[int, socket.socket] = {}     # child pid -> its client's connection
         self.by_conn: dict[socket.socket, int] = {}
         self.stopping = False
@@ -264,9 +267,7 @@ class Server:
         code = 1
         try:
             _become_job(request, fds)
-            from refilled.cli import main
-
-            code = main(list(request["argv"]))
+            code = self.run(list(request["argv"]))
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             if not isinstance(exc.code, (int, type(None))):
@@ -373,17 +374,3 @@ def _die_with_parent() -> None:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m refilled.forkserver", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--socket", default=SOCKET_NAME, help=f"the socket to listen on (default {SOCKET_NAME})")
-    parser.add_argument("--parent", type=int, help="stop when this process (Snakemake) ends")
-    args = parser.parse_args(argv)
-    return Server(args.socket, args.parent).serve()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

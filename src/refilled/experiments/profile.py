@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import math
 import re
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from refilled.archs import arch_ok
+from refilled.data.splits import NUM_CLASSES, classes_needed, shared_classes, valid_ratios
+from refilled.models.archs import arch_ok
 
-NUM_CLASSES = {"fashion-mnist": 10, "cifar100": 100, "cub200": 200}
 # Profile keys that set a hyper-parameter of every method declaring it (the grid's values).
 GRID_KEYS = ("lam", "k_hat")
 EXPERIMENTS = ("table1", "table2", "table3")
@@ -37,12 +36,6 @@ def fmt(x: Any) -> str:
     if isinstance(x, float) and math.isinf(x):
         return "inf"
     return f"{float(x):g}" if isinstance(x, float) else str(x)
-
-
-def shared_classes(ratio: float, h: int) -> int | None:
-    """r * h if it is a whole number in [0, h] (the split rule's condition), else None."""
-    shared = Fraction(ratio).limit_denominator(10_000) * h
-    return int(shared) if shared.denominator == 1 and 0 <= shared <= h else None
 
 
 def load_yaml(path: Path) -> Any:
@@ -130,12 +123,12 @@ def check_semantics(cfg: dict, source: str) -> None:
         for i, r in enumerate(exp["ratios"]):
             shared = shared_classes(r, h)
             if shared is None:
-                valid = ", ".join(fmt(k / h) for k in range(h + 1)) if h <= 10 else f"multiples of 1/{h}"
+                valid = ", ".join(map(fmt, valid_ratios(h))) if h <= 10 else f"multiples of 1/{h}"
                 problems.append(f"experiments.{name}.ratios[{i}]: {fmt(r)} does not give a whole number of shared "
                                 f"classes with classes_per_task {h}; valid ratios: {valid}")
-            elif 2 * h - shared > n:   # the split rule's limit (standard KD: h = every class, r = 1)
+            elif classes_needed(h, shared) > n:
                 problems.append(f"experiments.{name}.ratios[{i}]: {fmt(r)} with classes_per_task {h} needs "
-                                f"{2 * h - shared} classes, {exp['dataset']} has {n} (h <= {n // 2}, or ratio 1)")
+                                f"{classes_needed(h, shared)} classes, {exp['dataset']} has {n} (h <= {n // 2}, or ratio 1)")
         if len(set(exp["ratios"])) != len(exp["ratios"]):
             problems.append(f"experiments.{name}.ratios: duplicate ratios {exp['ratios']}")
         if len(set(exp["students"])) != len(exp["students"]):

@@ -17,7 +17,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from refilled import supplement
+from refilled.report import supplement
 from refilled.io import atomic_write_text, read_json, write_csv
 
 BASELINES = ("student", "rkd", "aml", "refilled-emb", "refilled-minus")
@@ -83,7 +83,7 @@ class Comparison:
 
 
 def read_rows(path: Path) -> list[dict]:
-    from refilled.tables import read_csv
+    from refilled.report.tables import read_csv
 
     try:
         return read_csv(path)

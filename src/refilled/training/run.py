@@ -13,17 +13,17 @@ from pathlib import Path
 import torch
 
 from refilled import __version__
-from refilled import finished as finished_mod
-from refilled.checkpoints import load_model, save_model
+from refilled.training import finished as finished_mod
+from refilled.training.checkpoints import load_model, save_model
 from refilled.data import load_dataset
 from refilled.data.batches import Batches, balanced_split, task_split, train_val_split
 from refilled.data.splits import SplitError, check_split
 from refilled.evaluate import accuracy, forward_all, harmonic_mean, joint_accuracy, ncm_accuracy, reference_scores, top1
 from refilled.io import CheckpointError, read_json, save_tensors, write_json
 from refilled.methods import catalog
-from refilled.phases import Phases, job_start_time
+from refilled.training.phases import Phases, job_start_time
 from refilled.models import build_model
-from refilled.train import RESUME_FILE, RUN_FORMAT, OptimConfig, fit, resolve_device, run_fingerprint, set_cpu_threads
+from refilled.training.loop import RESUME_FILE, RUN_FORMAT, OptimConfig, fit, resolve_device, run_fingerprint, set_cpu_threads
 
 
 JOINT_HEAD_FILE = "old_head.pt"   # the joint head's old-class Linear (weight, bias), beside model.pt
@@ -231,11 +231,11 @@ class Context:
                      "test": self.test.split.describe()},
             "profile": spec.profile, "seconds": round(time.time() - began, 1), **environment(self.device),
             "steps": last["steps"],    # a record of how the steps ran (graph or eager), not configuration
-            "phases": phases.record(),   # seconds per phase of this job (refilled.phases), not configuration
+            "phases": phases.record(),   # seconds per phase of this job (refilled.training.phases), not configuration
             "fingerprint": run_fingerprint(cfg, spec.seed),
         }
         write_json(spec.out / "summary.json", full)
-        finished_mod.archive(spec.out)   # hard links in .finished/: survives --rerun-incomplete (refilled.finished)
+        finished_mod.archive(spec.out)   # hard links in .finished/: survives --rerun-incomplete (refilled.training.finished)
         (spec.out / RESUME_FILE).unlink(missing_ok=True)
         return full
 

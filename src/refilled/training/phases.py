@@ -7,7 +7,7 @@ them over a run directory. Torch-free: the job's start comes from the
 operating system, so start-up covers the interpreter and its imports.
 
 The job starts when its process does (Linux: /proc, 10 ms resolution), or, for a job run by
-the fork server (`refilled.forkserver`), when the `refilled` command that asked for it did:
+the fork server (`refilled.tools.forkserver`), when the `refilled` command that asked for it did:
 the server passes that moment in ``REFILLED_JOB_START``.
 """
 

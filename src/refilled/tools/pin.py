@@ -86,7 +86,7 @@ def take_slot(lock_dir: Path, names: list[str]) -> int:
     import fcntl
     import time
 
-    from refilled.phases import note_slot_wait
+    from refilled.training.phases import note_slot_wait
 
     lock_dir.mkdir(parents=True, exist_ok=True)
     waited = False
@@ -108,7 +108,9 @@ def take_slot(lock_dir: Path, names: list[str]) -> int:
         time.sleep(1.0)
 
 
-def cmd_pin(args) -> int:
+def cmd_pin(args, run) -> int:
+    """Take the slots, then `run(argv)` the wrapped command: `run` is `refilled.cli.main`, handed
+    in by the caller so that this module imports nothing from the layer above it."""
     import tempfile
 
     rest = list(args.rest)
@@ -135,9 +137,7 @@ def cmd_pin(args) -> int:
             mine = cores[k * args.threads:(k + 1) * args.threads]
             os.sched_setaffinity(0, mine)
             print(f"refilled pin: CPU cores {mine}", file=sys.stderr, flush=True)
-    from refilled.cli import main   # here, not at the top: cli imports this module's caller
-
-    return main(rest)
+    return run(rest)
 
 
 run_pinned = cmd_pin

@@ -16,9 +16,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from refilled import supplement
-from refilled.archs import paper_name, parse_arch
-from refilled.claims import ClaimsError, read_rows, t_interval
+from refilled.report import supplement
+from refilled.models.archs import paper_name, parse_arch
+from refilled.report.claims import ClaimsError, read_rows, t_interval
 from refilled.io import atomic_write_text, write_csv
 
 PAPER_DATASET = {"1": "cub200", "2": "cifar100", "3": "cifar100", "4": "cub200"}

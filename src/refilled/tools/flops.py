@@ -11,11 +11,11 @@ What a row holds, for a network with a head over `c` classes (everything is line
   needs no gradient, so the first convolution has no input gradient);
 - params: learnable parameters; buffer_bytes: the bytes of the buffers (BatchNorm running
   statistics in float32, the step counters in int64);
-- ckpt_overhead_bytes: what `refilled.checkpoints.save_model`'s file holds beyond the
+- ckpt_overhead_bytes: what `refilled.training.checkpoints.save_model`'s file holds beyond the
   tensors' bytes (the pickle, the zip records and their alignment), measured at 10 classes.
 
 Regenerate (after a change to a model, or to add architectures) with
-`python -m refilled.flops --out src/refilled/flops.csv [--add ARCH@PX ...]`; tests/test_plan.py
+`python -m refilled.tools.flops --out src/refilled/tools/flops.csv [--add ARCH@PX ...]`; tests/test_plan.py
 recounts the small architectures and compares them with the committed rows.
 """
 
@@ -26,7 +26,7 @@ import csv
 import sys
 from pathlib import Path
 
-from refilled.archs import AUTHORS_ARCHS, KNOWN_ARCHS, parse_arch
+from refilled.models.archs import AUTHORS_ARCHS, KNOWN_ARCHS, parse_arch
 
 TABLE = Path(__file__).with_name("flops.csv")
 COLUMNS = ["arch", "px", "fwd_flops_base", "fwd_flops_per_class", "train_flops_base", "train_flops_per_class",
@@ -98,7 +98,7 @@ def sizes(arch: str, classes: int) -> dict:
     """Parameters, buffer bytes and the size of the file `save_model` writes for `arch` with `classes` classes."""
     import tempfile
 
-    from refilled.checkpoints import save_model
+    from refilled.training.checkpoints import save_model
     from refilled.models import build_model
 
     model = build_model(arch, classes)
@@ -153,7 +153,7 @@ def load_table(path: Path = TABLE) -> dict[tuple[str, int], dict]:
                 except ValueError:
                     raise FlopsTableError(f"{path}, line {i}: a value is not an integer: {r}") from None
     except FileNotFoundError:
-        raise FlopsTableError(f"{path}: FLOPs table not found (python -m refilled.flops --out {path})") from None
+        raise FlopsTableError(f"{path}: FLOPs table not found (python -m refilled.tools.flops --out {path})") from None
     return table
 
 
@@ -164,7 +164,7 @@ class Costs:
         r = table.get((arch, px))
         if r is None:
             raise FlopsTableError(f"{source}: no row for {arch} at {px} px; add it with "
-                                  f"`python -m refilled.flops --out {source} --add {arch}@{px}`")
+                                  f"`python -m refilled.tools.flops --out {source} --add {arch}@{px}`")
         self.fwd = r["fwd_flops_base"] + r["fwd_flops_per_class"] * classes
         self.train = r["train_flops_base"] + r["train_flops_per_class"] * classes
         self.params = r["params_base"] + r["params_per_class"] * classes
@@ -181,7 +181,7 @@ def _entry(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m refilled.flops", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m refilled.tools.flops", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=TABLE, help=f"CSV to write (default: {TABLE})")
     p.add_argument("--add", type=_entry, nargs="+", default=[], metavar="ARCH@PX",
                    help="architectures beyond the default list, e.g. wrn-22-1@32 mobilenet-0.75@96")

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from refilled.io import atomic_write_bytes, read_json
-from refilled.tables import read_csv
+from refilled.report.tables import read_csv
 
 
 def pyplot():
@@ -54,6 +54,21 @@ def _mean_band(ax, series: list[dict[int, float]], label: str, color, marker=Non
     return line
 
 
+def _twin_panel(ax, left: list[tuple], right: tuple, xlabel: str, ylabels: tuple[str, str], title: str) -> None:
+    """The curves `left` on the panel's axis and `right` on a twin axis, each (series, label,
+    colour, marker), with one legend under the panel."""
+    lines = [_mean_band(ax, *curve) for curve in left]
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabels[0])
+    twin = ax.twinx()
+    lines.append(_mean_band(twin, *right))
+    twin.set_ylabel(ylabels[1])
+    twin.grid(False)
+    ax.legend(handles=lines, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(lines), fontsize=7,
+              frameon=False)
+    ax.set_title(title)
+
+
 def figure1(runs: list[Path], out: Path) -> list[Path]:
     """runs = [stage1, stage2, stage1, stage2, ...]: one pair per seed."""
     if len(runs) % 2:
@@ -66,27 +81,13 @@ def figure1(runs: list[Path], out: Path) -> list[Path]:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     from matplotlib.ticker import MaxNLocator
 
-    l1 = _mean_band(ax1, [_series(r, "cm") for r in s1], "stage-1 loss (comparison matching KL ×1000)", "C0", "o")
-    ax1.set_xlabel("epoch (stage 1)")
-    ax1.set_ylabel("stage-1 loss")
-    t1 = ax1.twinx()
-    l2 = _mean_band(t1, [_series(r, "ncm_acc", 100) for r in s1], "NCM accuracy (test, %)", "C3", "s")
-    t1.set_ylabel("NCM accuracy (%)")
-    t1.grid(False)
-    ax1.legend(handles=[l1, l2], loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7, frameon=False)
-    ax1.set_title("(a) stage 1: embedding distillation")
-
-    l3 = _mean_band(ax2, [_series(r, "ce") for r in s2], "cross-entropy", "C0", "o")
-    l4 = _mean_band(ax2, [_series(r, "teach") for r in s2], "teaching term (τ²·λ_i·KL)", "C1", "^")
-    ax2.set_xlabel("epoch (stage 2)")
-    ax2.set_ylabel("loss")
-    t2 = ax2.twinx()
-    l5 = _mean_band(t2, [_series(r, "test_acc", 100) for r in s2], "test accuracy (%)", "C3", "s")
-    t2.set_ylabel("test accuracy (%)")
-    t2.grid(False)
-    ax2.legend(handles=[l3, l4, l5], loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=7,
-               frameon=False)
-    ax2.set_title("(b) stage 2: local classifier distillation")
+    _twin_panel(ax1, [([_series(r, "cm") for r in s1], "stage-1 loss (comparison matching KL ×1000)", "C0", "o")],
+                ([_series(r, "ncm_acc", 100) for r in s1], "NCM accuracy (test, %)", "C3", "s"),
+                "epoch (stage 1)", ("stage-1 loss", "NCM accuracy (%)"), "(a) stage 1: embedding distillation")
+    _twin_panel(ax2, [([_series(r, "ce") for r in s2], "cross-entropy", "C0", "o"),
+                      ([_series(r, "teach") for r in s2], "teaching term (τ²·λ_i·KL)", "C1", "^")],
+                ([_series(r, "test_acc", 100) for r in s2], "test accuracy (%)", "C3", "s"),
+                "epoch (stage 2)", ("loss", "test accuracy (%)"), "(b) stage 2: local classifier distillation")
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ratio = info["split"]["ratio"]

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from refilled.io import write_csv, write_json
-from refilled.tables import read_csv
+from refilled.report.tables import read_csv
 
 # the long CSV's value columns, per table (tables.write_table / write_table_h)
 VALUE_COLUMNS = {"1": ["test_acc"], "2": ["test_acc"], "3": ["test_acc"], "4": ["ncm_acc"],

@@ -127,7 +127,7 @@ def check_device() -> list[Finding]:
 def _expected_files(name: str, directory: Path) -> list[tuple[str, list[Path]]]:
     """(label, candidates) per file a dataset needs; present when any candidate exists."""
     if name == "fashion-mnist":
-        from refilled.data.datasets import FASHION_MNIST_FILES
+        from refilled.data.fashion_mnist import FASHION_MNIST_FILES
 
         return [(b, [directory / b, directory / f"{b}.gz"]) for b in FASHION_MNIST_FILES]
     if name == "cifar100":
@@ -302,7 +302,7 @@ def scan_runs(runs_root: Path) -> tuple[list[Path], list[RunState], list[Path]]:
     """(finished run dirs, incomplete run states, temporary files left by killed writes)."""
     finished, incomplete, temps = [], [], []
     for dirpath, dirnames, filenames in os.walk(runs_root):
-        dirnames[:] = sorted(d for d in dirnames if d not in (".snakemake", ".git", ".dvc", ".finished"))  # .finished: refilled.finished
+        dirnames[:] = sorted(d for d in dirnames if d not in (".snakemake", ".git", ".dvc", ".finished"))  # .finished: refilled.training.finished
         names = set(filenames)
         here = Path(dirpath)
         temps += [here / f for f in sorted(names) if f.startswith(".") and f.endswith(".tmp")]
@@ -375,7 +375,7 @@ def check_snakemake(repo: Path) -> list[Finding]:
 
 def check_image_cache(cache_dir: Path | None = None) -> list[Finding]:
     if cache_dir is None:
-        from refilled.augment import default_cache_dir
+        from refilled.data.augment import default_cache_dir
 
         cache_dir = default_cache_dir()
     caches = sorted(cache_dir.glob("images_*.pt")) if cache_dir.is_dir() else []

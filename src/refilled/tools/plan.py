@@ -1,11 +1,11 @@
 """`refilled plan`: what a profile's targets cost before they run, in a few seconds, without torch.
 
-From the profile (`refilled.config.load_profile`) and the runs its targets need
-(`refilled.grid`, the workflow's own enumeration), per training run: its images per epoch
+From the profile (`refilled.experiments.profile.load_profile`) and the runs its targets need
+(`refilled.experiments.grid`, the workflow's own enumeration), per training run: its images per epoch
 (the profile's per-class counts, the dataset's, the split's h classes, the held-out
 validation images), its SGD steps (the training loader drops the last partial batch:
 `refilled.data.batches.Batches`), the images it processes, its FLOPs (the committed table
-`refilled/flops.csv`: the student's forward and backward, plus the teacher's forward where
+`refilled/tools/flops.csv`: the student's forward and backward, plus the teacher's forward where
 the method reads a teacher; evaluations as forward passes) and its model.pt's size. Time
 follows from measured rates: FLOPs per second of `refilled bench` rows (a bench.csv given
 with --bench, else the CPU rows measured on this repository's 2-core machine that ship with
@@ -25,10 +25,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from refilled.config import load_profile, load_yaml
-from refilled.flops import TABLE as FLOPS_TABLE
-from refilled.flops import Costs, load_table
-from refilled.grid import Run, figure1_runs, runs_for
+from refilled.experiments.profile import load_profile, load_yaml
+from refilled.tools.flops import TABLE as FLOPS_TABLE
+from refilled.tools.flops import Costs, load_table
+from refilled.experiments.grid import Run, figure1_runs, runs_for
 from refilled.methods import CATALOG
 
 
@@ -50,7 +50,7 @@ DATASETS = {
     "cifar100": DatasetSize(500, 100, 32, 100),
     "cub200": DatasetSize(5994 / 200, 5794 / 200, 224, 200),
 }
-CUB_CACHE_PX = 256   # refilled.augment: CUB decoded once at 256 x 256 (uint8, 3 channels) on CUDA
+CUB_CACHE_PX = 256   # refilled.data.augment: CUB decoded once at 256 x 256 (uint8, 3 channels) on CUDA
 
 # The CPU rates used without --bench: `refilled bench` rows of this repository's 2-core machine.
 DEFAULT_CPU_BENCH = Path(__file__).with_name("plan_cpu_bench.csv")
@@ -220,7 +220,7 @@ def device_rates(bench_files: list[Path], table: dict) -> tuple[Rates, Rates | N
 def wall_seconds(rows: list[dict], seconds: list[float], slots: int, cfg: dict) -> float:
     """Makespan of the jobs on `slots` parallel slots: whenever a slot is free it takes the first
     job, in the workflow's order, whose inputs (the runs it reads) have finished."""
-    from refilled.grid import needs
+    from refilled.experiments.grid import needs
 
     index = {f"{r['run'].kind}:{r['run'].path}": i for i, r in enumerate(rows)}
     waiting = [0] * len(rows)                  # unfinished inputs per job
@@ -401,8 +401,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "plan", help="what a profile's targets cost: runs, SGD steps, images, FLOPs, CPU/GPU time, disk (no torch)",
         description="Count and cost the training runs that Snakemake TARGETs of a profile need (the workflow's "
-                    "own run list, refilled.grid): per method and architecture the runs, SGD steps, images, FLOPs "
-                    "(refilled/flops.csv), model.pt bytes and the time on this CPU and on a GPU from measured "
+                    "own run list, refilled.experiments.grid): per method and architecture the runs, SGD steps, images, FLOPs "
+                    "(refilled/tools/flops.csv), model.pt bytes and the time on this CPU and on a GPU from measured "
                     "rates (refilled bench rows: --bench, else the CPU rows shipped with the package).")
     p.add_argument("targets", nargs="*", metavar="TARGET",
                    help="as for snakemake: all (default), teachers, students, tables, figures, claims, "

@@ -2,7 +2,7 @@
 
 SGD with Nesterov momentum, a multi-step or cosine schedule set per epoch, bf16 autocast
 and channels-last on CUDA (fp32 on the CPU). Each batch goes through one
-`refilled.step.TrainStep`: on CUDA the whole step (teacher forward, student forward and
+`refilled.training.step.TrainStep`: on CUDA the whole step (teacher forward, student forward and
 backward, mining, losses, fused SGD) is captured in a CUDA graph and replayed
 (``REFILLED_CUDA_GRAPH=0`` runs it eagerly); on the CPU the same step runs eagerly. Loss
 terms and accuracy are accumulated on the device and read once per epoch; a non-finite
@@ -43,8 +43,8 @@ except ImportError:   # a bare PyTorch image (scripts/gpu_check.sh): no progress
 
 from refilled.io import CheckpointError, load_tensors, save_tensors, write_csv
 from refilled.methods.base import Method
-from refilled.phases import Phases
-from refilled.step import NonFiniteLoss, TrainStep
+from refilled.training.phases import Phases
+from refilled.training.step import NonFiniteLoss, TrainStep
 
 __all__ = ["OptimConfig", "NonFiniteLoss", "TrainStep", "fit", "lr_at", "resolve_device", "run_fingerprint",
            "set_cpu_threads", "RESUME_FILE", "METRICS_FILE", "nan_check_every", "TERMINATED_EXIT", "EPOCH_LOG_ENV"]
@@ -114,7 +114,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def nan_check_every() -> int:
-    """Steps between checks for a non-finite loss (read per run: `refilled.forkserver` imports
+    """Steps between checks for a non-finite loss (read per run: `refilled.tools.forkserver` imports
     this module before it knows a job's environment)."""
     return int(os.environ.get("REFILLED_NAN_CHECK_EVERY", "50"))
 
@@ -127,7 +127,7 @@ def fit(method: Method, train_batches, evaluate: Callable[[], dict[str, float]],
 
     `evaluate()` runs after every epoch and returns the metrics to log (test accuracy,
     NCM accuracy, ...). `graph`: "auto" (CUDA graph on CUDA), "on", "off" or "emulate"
-    (see `refilled.step`); it does not change the result beyond floating-point noise, so it
+    (see `refilled.training.step`); it does not change the result beyond floating-point noise, so it
     is not part of the run's fingerprint. `phases` receives the seconds spent training,
     evaluating and writing."""
     phases = Phases() if phases is None else phases

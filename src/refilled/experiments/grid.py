@@ -2,7 +2,7 @@
 
 The one enumeration of the grid: `workflow/rules/common.smk`'s input functions (table_runs,
 table4_runs, figure*_runs, gain_runs, table_h_runs, teacher_dir, ...) call these functions of
-a loaded profile (`refilled.config.load_profile`), and `refilled plan` lists, counts and costs
+a loaded profile (`refilled.experiments.profile.load_profile`), and `refilled plan` lists, counts and costs
 the same runs without building Snakemake's DAG. A `Run`'s `path` is its directory under
 `results/runs/<profile>/`.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from refilled.config import NUM_CLASSES, fmt, gain_points, k_hat_value, method_values
+from refilled.data.splits import NUM_CLASSES
+from refilled.experiments.profile import fmt, gain_points, k_hat_value, method_values
 from refilled.methods import CATALOG
-from refilled.methods.catalog import TEACHER_METHOD
-from refilled.tables import applies
+from refilled.methods.catalog import TEACHER_METHOD, applies
 
 TEACHER_RUN = "teachers/{exp}/seed{seed}"
 STUDENT_RUN = "students/{exp}/r{ratio}/{arch}/seed{seed}/{method}{tag}{joint}"

@@ -5,14 +5,14 @@ ratio: each method's accuracy minus the reference method's (the profile's first,
 paired per seed, and beside them the reference's own accuracy and the NCM accuracy of the
 teacher's embedding on the student's classes (class means from the same training images):
 distillation cannot be expected to help where that embedding is weaker than what the student
-learns alone. Intervals: Student's t over seeds, as in refilled.claims.
+learns alone. Intervals: Student's t over seeds, as in refilled.report.claims.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from refilled.claims import ClaimsError, t_interval
+from refilled.report.claims import ClaimsError, t_interval
 from refilled.io import read_json, write_csv
 
 FIELDS = ["per_class", "ratio", "quantity", "n_seeds", "mean", "ci_low", "ci_high"]
@@ -75,7 +75,7 @@ def plot(values: list[dict], out: Path, reference: str) -> list[Path]:
     ratios = sorted(df["ratio"].unique(), key=float)
     interval = lambda x: (lambda m, lo, hi: (m, m) if lo is None else (lo, hi))(*t_interval(list(x)))
     gains = df["quantity"].str.endswith(f" - {reference}")
-    from refilled.figures import pyplot, save_png_pdf
+    from refilled.report.figures import pyplot, save_png_pdf
 
     plt = pyplot()
     sns.set_theme(style="whitegrid", context="paper")

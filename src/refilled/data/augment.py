@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from refilled.data.streams import epoch_generator
 from refilled.io import CheckpointError
 
 SCALE = (0.08, 1.0)
@@ -163,8 +164,6 @@ class CachedImageBatches:
         return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
 
     def __iter__(self):
-        from refilled.data.batches import epoch_generator
-
         g = epoch_generator(self.seed, self.epoch)
         n = len(self.labels)
         order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
@@ -189,7 +188,7 @@ class _DecodeFixed(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        from refilled.data.datasets import decode_image
+        from refilled.data.cub200 import decode_image
 
         im = decode_image(self.paths[i])          # names the file if it does not decode
         w, h = im.size

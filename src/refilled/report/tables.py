@@ -18,9 +18,10 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
-from refilled.config import fmt
+from refilled.experiments.profile import fmt
 from refilled.io import atomic_write_text, read_json, write_csv
 from refilled.methods import CATALOG, ParamError, get, table_methods
+from refilled.methods.catalog import applies
 
 NOT_APPLICABLE = "—"   # a method that does not apply to a cell's label spaces (KD when the classes differ)
 KHAT_LABELS = {"1": "1 (triplet)", "5": "5", "inf": "inf (tuple)"}
@@ -128,11 +129,6 @@ def check_complete(table: str, seeds: dict, keys: list) -> set:
         raise TableError(f"table {table}: every cell needs the same seeds {sorted(every)}; "
                          f"{len(uneven)} cell(s) lack some, e.g. {uneven[:3]}")
     return every
-
-
-def applies(method: str, ratio) -> bool:
-    """Whether a method has a cell at this overlap ratio (same classes: r = 1 under the split rule)."""
-    return CATALOG[method].applies_to == "any" or float(ratio) == 1.0
 
 
 def _cell(cells: dict, key) -> str:

@@ -1,0 +1,1 @@
+"""Experiments: a workflow profile (load, validate) and the grid of runs its targets need. Torch-free."""

@@ -1,0 +1,1 @@
+"""Operator tools around the workflow: bench, doctor, pin, plan and the FLOPs table."""

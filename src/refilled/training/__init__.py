@@ -1,0 +1,1 @@
+"""Training: the step, the one loop, one run, checkpoints, finished-run keeping."""
