@@ -84,14 +84,14 @@ def main(argv=None) -> int:
     train = sum(r["train"] for r in rows)
     print(f"inside training epochs: {train / total:.1%} of the jobs' own wall time")
     waited = sum(r["slot_wait"] for r in rows)
-    if waited:
+    if waited >= 0.05:
         print(f"not counted above: {waited:.1f} s waiting for a free slot of `refilled pin` (other jobs held them)")
     bench = [r for r in rows if r.get("benchmark_s") is not None]
     if bench:
         wall = sum(r["benchmark_s"] - r["slot_wait"] for r in bench)
         share = sum(r["train"] for r in bench) / wall
         print(f"Snakemake benchmarks ({len(bench)} jobs): {wall:.1f} s of job wall time"
-              + (" less the slot waits" if waited else "") + f", {share:.1%} inside training epochs")
+              + (" less the slot waits" if waited >= 0.05 else "") + f", {share:.1%} inside training epochs")
     if args.csv:
         fields = list(dict.fromkeys(k for r in rows for k in r))
         args.csv.parent.mkdir(parents=True, exist_ok=True)

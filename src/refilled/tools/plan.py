@@ -58,13 +58,14 @@ DEFAULT_CPU_BENCH_SOURCE = ("plan_cpu_bench.csv: WRN-(16,1) steps at batch 16 me
                             "(README, 2 Dec 2026; 2 threads assumed, torch's default here, the README does not say), "
                             "MobileNet-0.25 steps measured on 4 Dec 2026 under load and scaled by the WRN-(16,1) CE "
                             "step's ratio of the two")
-# Fixed cost of one job beyond its FLOPs (starting Python, importing torch, data, teacher, writing):
-# the README's "3-5 s" a job on this 2-core machine with nothing else running (2 Dec 2026); the smoke
-# DAG of 26 Nov agrees (74 jobs in 2 min 0 s on 2 cores, about 10 s of it training). Issue 29's 13.2 s
-# a job (`make demo` on 4 Dec, (3,259 s of job wall time - 1,754 s in epochs) / 114 training jobs)
-# was measured with other work running, so it does not go with the unloaded rates.
-DEFAULT_OVERHEAD_S = 4.0
-DEFAULT_OVERHEAD_SOURCE = "the README's 3-5 s a job on this 2-core machine, 2 Dec 2026"
+# Fixed cost of one job beyond its FLOPs (start-up, data, teacher, writing; evaluation is in the
+# FLOPs): measured by the phases of `make demo` from a fresh clone with the fork server, nothing
+# else running, 5 Dec 2026 (scripts/job_phases.py: 0.53 s a job over 342 training jobs; a job's
+# shell and `refilled` client add about 0.14 s more, Snakemake's benchmark files against the
+# phases' totals). Without the fork server (a cluster, `--config forkserver=off`) a job pays
+# 3-4 s more, importing torch.
+DEFAULT_OVERHEAD_S = 0.7
+DEFAULT_OVERHEAD_SOURCE = "start-up, data, teacher and writing of the demo's jobs with the fork server, 5 Dec 2026"
 
 CSV_COLUMNS = ["method", "arch", "px", "runs", "steps", "images", "train_flops", "eval_flops",
                "fwd_flops_per_image", "train_flops_per_image", "checkpoint_bytes", "cpu_seconds", "gpu_seconds"]
