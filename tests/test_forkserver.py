@@ -179,3 +179,43 @@ def test_sigterm_to_the_client_reaches_the_job_and_its_status_comes_back(fashion
     assert code != 0 and not alive(job)
     lines = server.jobs()[job]
     assert lines[-1] == f"exit {code}", (lines, code)
+
+
+def test_when_snakemake_dies_the_running_job_finishes_and_the_server_then_ends(fashion, tmp_path):
+    """The server's parent (Snakemake; here a shell) is SIGKILLed: the job running in the
+    server finishes, its client gets its status, and the server takes no new job and ends."""
+    sock, log = tmp_path / "fs.sock", tmp_path / "fs.log"
+    parent = subprocess.Popen(["bash", "-c", f"{sys.executable} -m refilled.serve --socket {sock} --parent $$ "
+                                             f"> {log} 2>&1 & wait"], env=job_env(None))
+    deadline = time.monotonic() + 120
+    while not sock.exists():
+        assert time.monotonic() < deadline and parent.poll() is None, log.read_text() if log.exists() else ""
+        time.sleep(0.1)
+    out = tmp_path / "run"
+    client = subprocess.Popen([str(BIN / "refilled"), *teacher_argv(fashion, out, epochs=30)], env=job_env(sock),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while "job " not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    parent.kill()
+    parent.wait()
+    assert client.wait(600) == 0, client.stderr.read()
+    assert (out / "summary.json").exists()
+    text = log.read_text()
+    assert "Snakemake is gone" in text and re.search(r"^job \d+: exit 0$", text, re.M), text
+    deadline = time.monotonic() + 30
+    while any(f"-m refilled.serve --socket {sock}" in " ".join(p.cmdline()) for p in _processes()):
+        assert time.monotonic() < deadline, "the server did not end after its last job"
+        time.sleep(0.1)
+    assert not sock.exists()
+
+
+def _processes():
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            p.cmdline()
+            yield p
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue

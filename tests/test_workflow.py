@@ -1112,8 +1112,13 @@ def test_smoke_chaos_run_killed_three_times_ends_with_the_outputs_of_the_uninter
     assert "runs retrained after their summary.json: 0" in out and "result: identical outputs" in out, out
     compared = dict((kind, int(n)) for n, kind in re.findall(r"(\d+) (tables|figure data|model.pt|metrics.csv)",
                                                            out.split("compared: ")[1].splitlines()[0]))
-    runs = [p for p in (smoke_clone["repo"] / "results" / "runs").rglob("model.pt") if ".finished" not in p.parts]
-    assert compared["model.pt"] == len(runs) and compared["tables"] >= len(TABLE_FILES), compared
+    # every run of the chaos workflow was compared (the reference may hold more: the tests before
+    # this one built `claims` in it too)
+    runs = [p for p in (tmp_path / "chaos" / "chaos" / "wf" / "results" / "runs").rglob("model.pt")
+            if ".finished" not in p.parts]
+    reference = [p for p in (smoke_clone["repo"] / "results" / "runs").rglob("model.pt") if ".finished" not in p.parts]
+    assert compared["model.pt"] == len(runs) > 0 and len(runs) <= len(reference), (compared, len(runs), len(reference))
+    assert compared["tables"] >= len(TABLE_FILES), compared
 
 
 # ------------------------------------------------------------------------------------------------

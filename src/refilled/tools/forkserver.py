@@ -21,8 +21,10 @@ streams. Snakemake still schedules every job; a job's shell command is unchanged
   and CUDA's settings). Inside a Slurm job the client never asks.
 - A child's results are those of a fresh process: the server runs no torch operation before it
   forks (no thread pool, no CUDA), the child sets its own threads, seeds and device.
-- The server stops when Snakemake ends (`stop`, from the Snakefile's onsuccess/onerror) or
-  dies (it watches its parent); its children die with it (Linux: PR_SET_PDEATHSIG).
+- The server stops when Snakemake ends (`stop`, from the Snakefile's onsuccess/onerror:
+  running jobs get SIGTERM). When Snakemake dies (it watches its parent), it takes no new job
+  and lets the running ones finish, as a killed Snakemake's jobs do without a server. Its
+  children die with it (Linux: PR_SET_PDEATHSIG).
 
 Torch-free at import: the Snakefile imports `start` and `stop` from here.
 """
@@ -200,8 +202,19 @@ class Server:
         self.selector = selector = selectors.DefaultSelector()
         selector.register(listener, selectors.EVENT_READ)
         print(f"refilled fork server {os.getpid()}: listening on {self.socket_path}", flush=True)
+        listening = True
         try:
-            while not self.stopping and (self.parent is None or os.getppid() == self.parent):
+            while not self.stopping:
+                if listening and self.parent is not None and os.getppid() != self.parent:
+                    # Snakemake died: take no new job, and let the running ones finish, as the jobs of
+                    # a killed Snakemake do without a server (their outputs are kept: refilled.training.finished)
+                    print("refilled fork server: Snakemake is gone; finishing the running jobs", flush=True)
+                    selector.unregister(listener)
+                    listener.close()
+                    Path(self.socket_path).unlink(missing_ok=True)
+                    listening = False
+                if not listening and not self.children:
+                    break
                 for key, _ in selector.select(timeout=0.2):
                     try:
                         if key.fileobj is listener:
@@ -214,8 +227,9 @@ class Server:
                         print("refilled fork server: internal error:", traceback.format_exc(), flush=True)
                 self.reap()
         finally:
-            Path(self.socket_path).unlink(missing_ok=True)
-            listener.close()
+            if listening:   # (otherwise the path may be a new server's by now)
+                Path(self.socket_path).unlink(missing_ok=True)
+                listener.close()
             self.shutdown()
         return 0
 
