@@ -117,6 +117,21 @@ def make_cub(root, n_classes: int = 3, n_train_per_class: int = 2, n_test_per_cl
     return {"dir": directory, "rows": rows, "classes": classes}
 
 
+def fashion_with_split(directory, n_train_per_class: int, n_test_per_class: int,
+                       classes_per_task: int = 2, ratio: float = 0.5) -> dict:
+    """Fake Fashion-MNIST under <directory>/data and a split file made by `refilled split`:
+    {"root": data root, "split": split file}, for runs through the command line."""
+    from cli_runner import cli
+
+    directory = Path(directory)
+    make_fashion_idx(directory / "data", n_train_per_class, n_test_per_class)
+    split = directory / "split.json"
+    rc, _, err = cli(["split", "--dataset", "fashion-mnist", "--ratio", ratio, "--seed", 0,
+                      "--classes-per-task", classes_per_task, "--out", split])
+    assert rc == 0, err
+    return {"root": directory / "data", "split": split}
+
+
 def tiny_dataset(n_per_class: int = 12, n_classes: int = 4, seed: int = 0):
     """An in-memory Dataset of random 32x32 images whose brightness depends on the class,
     so a model learns something in a few steps."""

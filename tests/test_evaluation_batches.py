@@ -13,7 +13,7 @@ import torch
 import refilled.training.run
 from cli_runner import cli
 from cpu_pin import one_cpu  # noqa: F401 (autouse: this module runs on one CPU)
-from fakedata import make_fashion_idx
+from fakedata import fashion_with_split
 from refilled.models import build_model
 
 pytestmark = pytest.mark.slow
@@ -21,13 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("evalb")
-    make_fashion_idx(tmp / "data", n_train_per_class=12, n_test_per_class=40)
-    split = tmp / "split.json"
-    rc, _, err = cli(["split", "--dataset", "fashion-mnist", "--ratio", 0.5, "--seed", 0, "--classes-per-task", 4,
-                      "--out", split])
-    assert rc == 0, err
-    return {"root": tmp / "data", "split": split}
+    return fashion_with_split(tmp_path_factory.mktemp("evalb"), 12, 40, classes_per_task=4)
 
 
 def student_run(fashion, out: Path) -> dict:

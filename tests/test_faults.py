@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from fakedata import cifar_pickle, idx_bytes, make_cifar100, make_cub, make_fashion_idx, tiny_dataset, write_maybe_gz
+from fakedata import (cifar_pickle, fashion_with_split, idx_bytes, make_cifar100, make_cub, make_fashion_idx,
+                      tiny_dataset, write_maybe_gz)
 from refilled.training.checkpoints import load_model, save_model
 from refilled.data.batches import Batches, task_split
 from refilled.data.datasets import Dataset
@@ -128,13 +129,8 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.fixture
 def fashion(tmp_path):
     """Fake Fashion-MNIST (official format, random pixels) and a 2-class split; for CLI runs."""
-    root = tmp_path / "data"
-    make_fashion_idx(root, 6, 2)
-    split = tmp_path / "split.json"
-    rc, out, err = cli(["split", "--dataset", "fashion-mnist", "--ratio", 0.5, "--seed", 0,
-                        "--classes-per-task", 2, "--out", split])
-    assert rc == 0, err
-    return {"root": root, "split": split, "data": json.loads(split.read_text())}
+    made = fashion_with_split(tmp_path, 6, 2)
+    return {**made, "data": json.loads(made["split"].read_text())}
 
 
 def train_args(fashion, out: Path, epochs: int = 2, arch: str = ARCH) -> list:
@@ -848,13 +844,7 @@ def test_a_run_killed_after_its_last_epoch_puts_back_the_metrics_snakemake_delet
 
 def sigterm_fashion(tmp_path: Path) -> dict:
     """Fake Fashion-MNIST with enough images that an epoch of wrn-10-1 takes a fraction of a second."""
-    root = tmp_path / "data"
-    make_fashion_idx(root, 100, 4)
-    split = tmp_path / "split.json"
-    rc, _, err = cli(["split", "--dataset", "fashion-mnist", "--ratio", 0.5, "--seed", 0,
-                      "--classes-per-task", 2, "--out", split])
-    assert rc == 0, err
-    return {"root": root, "split": split}
+    return fashion_with_split(tmp_path, 100, 4)
 
 
 @pytest.mark.slow

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cli_runner import cli
 from cpu_pin import one_cpu  # noqa: F401 (autouse: this module runs on one CPU)
-from fakedata import make_fashion_idx
+from fakedata import fashion_with_split
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +25,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture
 def fashion(tmp_path):
-    root = tmp_path / "data"
-    make_fashion_idx(root, 6, 2)
-    split = tmp_path / "split.json"
-    rc, _, err = cli(["split", "--dataset", "fashion-mnist", "--ratio", 0.5, "--seed", 0, "--classes-per-task", 2,
-                      "--out", split])
-    assert rc == 0, err
-    return {"root": root, "split": split}
+    return fashion_with_split(tmp_path, 6, 2)
 
 
 def teacher_argv(fashion, out: Path, epochs: int = 2) -> list[str]:

@@ -340,18 +340,13 @@ class Server:
 
     def shutdown(self, grace: float = 10.0) -> None:
         """Stop the running jobs as a cluster would (SIGTERM, then SIGKILL after `grace`)."""
-        for pid in list(self.children):
-            _kill_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while self.children and time.monotonic() < deadline:
-            self.reap()
-            time.sleep(0.05)
-        for pid in list(self.children):
-            _kill_group(pid, signal.SIGKILL)
-        deadline = time.monotonic() + grace
-        while self.children and time.monotonic() < deadline:
-            self.reap()
-            time.sleep(0.05)
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            for pid in list(self.children):
+                _kill_group(pid, signum)
+            deadline = time.monotonic() + grace
+            while self.children and time.monotonic() < deadline:
+                self.reap()
+                time.sleep(0.05)
 
 
 def _kill_group(pid: int, signum: int) -> None:
